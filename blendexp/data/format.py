@@ -1,0 +1,143 @@
+"""The shard contract: the single place that says what one training sample looks like on disk.
+
+One sample per aligned face crop, keyed ``<source>/<subject>/<clip-or-image>/<frame>``:
+``jpg`` (aligned RGB face), ``id.npy`` (512,) float32 L2-normalised identity embedding,
+``exp.npy`` (55,) float32 FLAME vector (50 expression, 2 eyelid, 3 jaw, as SMIRK outputs),
+``json`` metadata and optionally ``latents.npy`` (cached VAE latents, (4, H/8, W/8)).
+Builder, loader, evaluator and toy world all read and write through this module.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+FORMAT_VERSION = 1
+ID_DIM = 512
+EXP_DIM = 55
+N_EXPRESSION, N_EYELID, N_JAW = 50, 2, 3
+EXPRESSION = slice(0, N_EXPRESSION)
+EYELIDS = slice(N_EXPRESSION, N_EXPRESSION + N_EYELID)
+JAW = slice(N_EXPRESSION + N_EYELID, EXP_DIM)
+GROUPS: dict[str, slice] = {"exp": EXPRESSION, "eyelid": EYELIDS, "jaw": JAW}
+COMPONENT_NAMES: tuple[str, ...] = tuple(
+    [f"exp.{i}" for i in range(N_EXPRESSION)]
+    + [f"eyelid.{i}" for i in range(N_EYELID)]
+    + [f"jaw.{i}" for i in range(N_JAW)]
+)
+REQUIRED_KEYS = ("jpg", "id.npy", "exp.npy", "json")
+
+
+class CorruptSample(ValueError):
+    """A shard member that cannot be used; the loader skips and counts it instead of crashing."""
+
+
+def component_index(name: str) -> int:
+    """Index of a FLAME component given as ``exp.3``, ``eyelid.1`` or ``jaw.0`` (used by CLI edits)."""
+    if name not in COMPONENT_NAMES:
+        raise KeyError(f"unknown FLAME component {name!r}; expected exp.0..exp.49, eyelid.0..1 or jaw.0..2")
+    return COMPONENT_NAMES.index(name)
+
+
+def check_vector(vec: Any, dim: int, what: str, origin: str = "") -> np.ndarray:
+    """Return ``vec`` as float32 of shape (dim,), or raise naming where it came from and the expected size."""
+    arr = np.asarray(vec, dtype=np.float32).reshape(-1)
+    if arr.shape != (dim,):
+        where = f" in {origin}" if origin else ""
+        raise ValueError(f"{what}{where} has {arr.size} values; {dim} values are expected")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what}{origin and ' in ' + origin} contains NaN or Inf")
+    return arr
+
+
+def make_key(source: str, subject: str, clip: str | None, frame: int) -> str:
+    """Sample key; stills use their image name in the clip slot and frame 0."""
+    for part in (source, subject, clip or "still"):
+        if "/" in part or "." in part:
+            raise ValueError(f"key part {part!r} must not contain '/' or '.'")
+    return f"{source}/{subject}/{clip or 'still'}/{frame:06d}"
+
+
+@dataclass
+class FaceSample:
+    """One aligned face with its identity and expression vectors (the unit every stage exchanges)."""
+
+    key: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB, aligned
+    id_emb: np.ndarray  # (512,) float32, L2-normalised
+    exp: np.ndarray  # (55,) float32 FLAME
+    meta: dict[str, Any] = field(default_factory=dict)
+    latents: np.ndarray | None = None  # (4, H/8, W/8) float32, already scaled by the VAE factor
+
+    @property
+    def clip(self) -> str | None:
+        """Clip id for video frames, ``None`` for stills."""
+        return self.meta.get("clip")
+
+    @property
+    def subject(self) -> str:
+        """Subject (identity) label used for pairing and splits."""
+        return str(self.meta.get("subject", self.key.split("/")[1]))
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    """Serialise an array the way webdataset's ``.npy`` decoder reads it."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(sample: FaceSample, jpeg_quality: int = 95) -> dict[str, Any]:
+    """Turn a sample into the member dict that ``webdataset.TarWriter`` writes."""
+    img = Image.fromarray(np.asarray(sample.image, dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=jpeg_quality)
+    id_emb = check_vector(sample.id_emb, ID_DIM, "identity embedding", sample.key)
+    meta = {"format_version": FORMAT_VERSION, **sample.meta}
+    out = {
+        "__key__": sample.key,
+        "jpg": buf.getvalue(),
+        "id.npy": _npy_bytes(id_emb / max(float(np.linalg.norm(id_emb)), 1e-12)),
+        "exp.npy": _npy_bytes(check_vector(sample.exp, EXP_DIM, "FLAME vector", sample.key)),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+    if sample.latents is not None:
+        out["latents.npy"] = _npy_bytes(np.asarray(sample.latents, dtype=np.float32))
+    return out
+
+
+def _load_npy(data: bytes, name: str, key: str) -> np.ndarray:
+    """Read an ``.npy`` member without unpickling, turning any failure into ``CorruptSample``."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - any decode failure means a corrupt member
+        raise CorruptSample(f"{key}: cannot read {name}: {err}") from err
+
+
+def decode_sample(raw: dict[str, Any], image_size: int | None = None) -> FaceSample:
+    """Validate and decode raw tar members (bytes) into a ``FaceSample``; raise ``CorruptSample`` if unusable."""
+    key = str(raw.get("__key__", "?"))
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise CorruptSample(f"{key}: missing members {missing}")
+    try:
+        img = Image.open(io.BytesIO(raw["jpg"]))
+        img = img.convert("RGB")
+        if image_size and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        image = np.asarray(img, dtype=np.uint8)
+    except Exception as err:  # noqa: BLE001 - truncated or undecodable JPEG
+        raise CorruptSample(f"{key}: undecodable jpg: {err}") from err
+    try:
+        id_emb = check_vector(_load_npy(raw["id.npy"], "id.npy", key), ID_DIM, "id.npy", key)
+        exp = check_vector(_load_npy(raw["exp.npy"], "exp.npy", key), EXP_DIM, "exp.npy", key)
+        meta = json.loads(raw["json"])
+    except (ValueError, json.JSONDecodeError) as err:
+        raise CorruptSample(str(err)) from err
+    latents = _load_npy(raw["latents.npy"], "latents.npy", key).astype(np.float32) if "latents.npy" in raw else None
+    return FaceSample(key=key, image=image, id_emb=id_emb, exp=exp, meta=meta, latents=latents)
