@@ -1,0 +1,1 @@
+"""blendexp: training and evaluation framework for blendshape-guided, ID-consistent face generation."""

@@ -1,0 +1,171 @@
+"""Expression Adapter: the 55-d FLAME vector → K tokens → decoupled (IP-Adapter) cross-attention.
+
+Built from diffusers' own parts: the projection is ``ImageProjection`` (the plain IP-Adapter format, always
+4 tokens) or ``IPAdapterFaceIDImageProjection`` (an MLP, any token count), wrapped in
+``MultiIPAdapterImageProjection`` as ``unet.encoder_hid_proj``; every cross-attention gets
+``IPAdapterAttnProcessor2_0`` with ``to_k_ip``/``to_v_ip`` initialised from its ``to_k``/``to_v``. The saved
+``{"image_proj", "ip_adapter"}`` dict is what ``StableDiffusionPipeline.load_ip_adapter`` converts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, ImageProjection, MultiIPAdapterImageProjection
+from safetensors.torch import load_file, save_file
+
+from blendexp.data.format import EXP_DIM
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("linear", "mlp")
+LINEAR_TOKENS = 4  # diffusers reads a plain ``proj.weight`` adapter as exactly 4 tokens
+WEIGHT_NAME = "exp_adapter"
+
+
+def _ip_layers(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
+    """The cross-attention layers (attn2) in ``attn_processors`` order, the order of the official key ids."""
+    return [(name, unet.get_submodule(name.removesuffix(".processor")))
+            for name in unet.attn_processors if not name.endswith("attn1.processor")]
+
+
+def make_projection(cross_dim: int, num_tokens: int, projection: str, mult: int = 4) -> torch.nn.Module:
+    """Build the FLAME→tokens projection; the linear one is only valid with 4 tokens (diffusers' format)."""
+    if projection == "linear":
+        if num_tokens != LINEAR_TOKENS:
+            raise ValueError(f"projection=linear exports diffusers' plain IP-Adapter format, which always means "
+                             f"{LINEAR_TOKENS} tokens; got num_tokens={num_tokens}. Use projection=mlp for other counts")
+        return ImageProjection(image_embed_dim=EXP_DIM, cross_attention_dim=cross_dim, num_image_text_embeds=num_tokens)
+    if projection == "mlp":
+        return IPAdapterFaceIDImageProjection(image_embed_dim=EXP_DIM, cross_attention_dim=cross_dim, mult=mult,
+                                              num_tokens=num_tokens)
+    raise ValueError(f"unknown projection {projection!r}; choose one of {PROJECTIONS}")
+
+
+def attach_expression_adapter(unet: UNet2DConditionModel, num_tokens: int = 4, projection: str = "linear",
+                              mult: int = 4, scale: float = 1.0) -> list[torch.nn.Parameter]:
+    """Install a freshly initialised adapter on ``unet`` and return its (trainable) parameters."""
+    proj = make_projection(unet.config.cross_attention_dim, num_tokens, projection, mult).to(unet.device, unet.dtype)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([proj])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    procs = dict(unet.attn_processors)
+    for name, attn in _ip_layers(unet):
+        proc = IPAdapterAttnProcessor2_0(hidden_size=attn.to_k.out_features, cross_attention_dim=attn.to_k.in_features,
+                                         num_tokens=(num_tokens,), scale=scale)
+        with torch.no_grad():
+            proc.to_k_ip[0].weight.copy_(attn.to_k.weight)
+            proc.to_v_ip[0].weight.copy_(attn.to_v.weight)
+        procs[name] = proc.to(unet.device, unet.dtype)
+    unet.set_attn_processor(procs)
+    return adapter_parameters(unet)
+
+
+def adapter_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
+    """Parameters of the attached adapter (projection and every ``to_k_ip``/``to_v_ip``)."""
+    params = list(unet.encoder_hid_proj.parameters())
+    for name, _ in _ip_layers(unet):
+        params += list(unet.attn_processors[name].parameters())
+    return params
+
+
+def set_expression_scale(unet: UNet2DConditionModel, scale: float) -> None:
+    """Scale the adapter's contribution (0 = base model), as ``pipeline.set_ip_adapter_scale`` does."""
+    for name, _ in _ip_layers(unet):
+        unet.attn_processors[name].scale = [scale]
+
+
+def _projection_keys(projection: torch.nn.Module) -> dict[str, str]:
+    """diffusers parameter name → official (IP-Adapter) key of the projection."""
+    if isinstance(projection, ImageProjection):
+        return {"image_embeds.weight": "proj.weight", "image_embeds.bias": "proj.bias",
+                "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    return {"ff.net.0.proj.weight": "proj.0.weight", "ff.net.0.proj.bias": "proj.0.bias",
+            "ff.net.2.weight": "proj.2.weight", "ff.net.2.bias": "proj.2.bias",
+            "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+
+
+def expression_adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, dict[str, torch.Tensor]]:
+    """The attached adapter in the official ``{"image_proj", "ip_adapter"}`` key format."""
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    params = dict(proj.named_parameters())
+    image_proj = {official: params[ours].detach().cpu().contiguous() for ours, official in _projection_keys(proj).items()}
+    ip_adapter: dict[str, torch.Tensor] = {}
+    for i, (name, _) in enumerate(_ip_layers(unet)):
+        proc = unet.attn_processors[name]
+        key_id = 2 * i + 1  # attn1/attn2 alternate in the original module list; diffusers counts the same way
+        ip_adapter[f"{key_id}.to_k_ip.weight"] = proc.to_k_ip[0].weight.detach().cpu().contiguous()
+        ip_adapter[f"{key_id}.to_v_ip.weight"] = proc.to_v_ip[0].weight.detach().cpu().contiguous()
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def save_expression_adapter(unet: UNet2DConditionModel, folder: str | Path) -> list[Path]:
+    """Write ``exp_adapter.bin`` and ``exp_adapter.safetensors`` (same tensors) for ``load_ip_adapter``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = expression_adapter_state_dict(unet)
+    torch.save(state, folder / f"{WEIGHT_NAME}.bin")
+    flat = {f"{part}.{k}": v for part, tensors in state.items() for k, v in tensors.items()}
+    save_file(flat, folder / f"{WEIGHT_NAME}.safetensors", metadata={"format": "pt"})
+    return [folder / f"{WEIGHT_NAME}.bin", folder / f"{WEIGHT_NAME}.safetensors"]
+
+
+def read_expression_adapter(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Read an adapter file (.safetensors or .bin, or a folder holding one) without unpickling objects."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin") if (path / f"{WEIGHT_NAME}.{ext}").is_file()]
+        if not found:
+            raise FileNotFoundError(f"no {WEIGHT_NAME}.safetensors or {WEIGHT_NAME}.bin in {path}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"expression adapter checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in load_file(path).items():
+            part, _, rest = key.partition(".")
+            state.setdefault(part, {})[rest] = value
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if set(state) < {"image_proj", "ip_adapter"}:
+        raise ValueError(f"{path} is not an IP-Adapter checkpoint: expected 'image_proj' and 'ip_adapter' entries")
+    return state
+
+
+def infer_adapter_config(state: dict[str, dict[str, torch.Tensor]], cross_dim: int) -> dict[str, int | str]:
+    """Projection type, token count and MLP width of a checkpoint, read off its tensor shapes."""
+    proj = state["image_proj"]
+    if "proj.weight" in proj:
+        return {"projection": "linear", "num_tokens": proj["proj.weight"].shape[0] // cross_dim, "mult": 4}
+    if "proj.0.weight" in proj and "norm.weight" in proj:
+        hidden, in_dim = proj["proj.0.weight"].shape
+        return {"projection": "mlp", "num_tokens": proj["proj.2.weight"].shape[0] // cross_dim, "mult": hidden // in_dim}
+    raise ValueError(f"unsupported expression adapter projection keys: {sorted(proj)}")
+
+
+def load_expression_adapter(unet: UNet2DConditionModel, path: str | Path, scale: float = 1.0) -> dict[str, int | str]:
+    """Attach an adapter from an official or blendexp checkpoint (to evaluate or fine-tune it)."""
+    state = read_expression_adapter(path)
+    cfg = infer_adapter_config(state, unet.config.cross_attention_dim)
+    attach_expression_adapter(unet, scale=scale, **cfg)  # type: ignore[arg-type]
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    proj.load_state_dict({ours: state["image_proj"][official] for ours, official in _projection_keys(proj).items()})
+    layers = _ip_layers(unet)
+    if len(state["ip_adapter"]) != 2 * len(layers):
+        raise ValueError(f"{path}: {len(state['ip_adapter'])} ip_adapter tensors for a UNet with {len(layers)} "
+                         f"cross-attention layers (expected {2 * len(layers)}); was it trained on another base?")
+    for i, (name, _) in enumerate(layers):
+        proc = unet.attn_processors[name]
+        proc.to_k_ip[0].weight.data.copy_(state["ip_adapter"][f"{2 * i + 1}.to_k_ip.weight"])
+        proc.to_v_ip[0].weight.data.copy_(state["ip_adapter"][f"{2 * i + 1}.to_v_ip.weight"])
+    log.info("loaded expression adapter %s (%s)", path, cfg)
+    return cfg
+
+
+def expression_embeds(exp: torch.Tensor, do_cfg: bool) -> list[torch.Tensor]:
+    """``ip_adapter_image_embeds`` for a pipeline call: [(2B, 1, 55)] with zeros first under CFG, else [(B, 1, 55)]."""
+    exp = exp[:, None, :]
+    return [torch.cat([torch.zeros_like(exp), exp]) if do_cfg else exp]

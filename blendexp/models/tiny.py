@@ -1,0 +1,155 @@
+"""Tiny random Arc2Face bases written in exactly the official layout, so tests and the embedded default
+exercise the real loaders without downloading anything.
+
+Writes ``<root>/models/{arc2face,encoder}`` and ``<root>/stable-diffusion-v1-5/{vae,tokenizer,scheduler,
+text_encoder,unet,model_index.json}``. The tokenizer is a real ``CLIPTokenizer`` over a small byte-level BPE
+vocabulary that contains the ID prompt's words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTokenizer
+
+from blendexp.data.format import ID_DIM
+from blendexp.models.arc2face import ID_PROMPT, Arc2FaceTextEncoder
+
+log = logging.getLogger(__name__)
+
+TEXT_WIDTH = ID_DIM  # the ID must fit into a token embedding
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+WORDS = tuple(ID_PROMPT.split()) + ("face", "smile", "neutral")
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+
+
+@lru_cache(maxsize=1)
+def _byte_chars() -> list[str]:
+    """CLIP's reversible byte→unicode table (printable bytes map to themselves, the rest to U+0100…)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_bpe(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[str]]:
+    """A BPE vocabulary and merge list in which each of ``words`` is a single token."""
+    base = _byte_chars()
+    vocab_list = base + [c + "</w>" for c in base]
+    merges: list[str] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            if parts[0] not in vocab_list:
+                vocab_list.append(parts[0])
+    vocab_list += list(SPECIAL)
+    return {tok: i for i, tok in enumerate(vocab_list)}, list(dict.fromkeys(merges))
+
+
+def save_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """Write vocab.json/merges.txt and the tokenizer config, and return the tokenizer loaded back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tiny_bpe()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                        model_max_length=77)
+    tok.save_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def tiny_text_encoder(vocab_size: int, eos_id: int, bos_id: int) -> Arc2FaceTextEncoder:
+    """One-layer CLIP text encoder as wide as the identity embedding."""
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
+                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
+                         eos_token_id=eos_id, bos_token_id=bos_id, pad_token_id=eos_id)
+    return Arc2FaceTextEncoder(cfg)
+
+
+def tiny_unet(sample_size: int = 8) -> UNet2DConditionModel:
+    """Two-level cross-attention UNet with SD 1.5's block types, small enough for CPU training."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    """AutoencoderKL with SD's 8× downsampling and 4 latent channels, a few thousand parameters wide."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+    )
+
+
+def _use_official_clip_keys(path: Path) -> None:
+    """Rewrite CLIP weights with the ``text_model.`` prefix that the official (transformers 4) files carry."""
+    state = load_file(path)
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, path,
+              metadata={"format": "pt"})
+
+
+def save_tiny_base(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Create and save a tiny random base; returns (models dir, SD 1.5 dir)."""
+    root = Path(root)
+    models, sd15 = root / "models", root / "stable-diffusion-v1-5"
+    torch.manual_seed(seed)
+    tok = save_tiny_tokenizer(sd15 / "tokenizer")
+    encoder = tiny_text_encoder(len(tok.get_vocab()), tok.eos_token_id, tok.bos_token_id)
+    unet, vae = tiny_unet(), tiny_vae()
+    for model, folder in ((unet, models / "arc2face"), (encoder, models / "encoder"), (vae, sd15 / "vae"),
+                          (unet, sd15 / "unet"), (encoder, sd15 / "text_encoder")):
+        model.save_pretrained(folder)
+    for folder in (models / "encoder", sd15 / "text_encoder"):
+        _use_official_clip_keys(folder / "model.safetensors")
+    PNDMScheduler(**SD15_SCHEDULER).save_pretrained(sd15 / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
+             "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (sd15 / "model_index.json").write_text(json.dumps(index, indent=2))
+    log.info("tiny Arc2Face base written to %s and %s", models, sd15)
+    return models, sd15
+
+
+def ensure_tiny_base(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write the tiny base once; later calls reuse it (the marker is written last, so a killed write redoes it)."""
+    root = Path(root)
+    marker = root / ".complete"
+    if not marker.exists():
+        save_tiny_base(root, seed)
+        marker.write_text(str(seed))
+    return root / "models", root / "stable-diffusion-v1-5"
+
+
+def main() -> None:
+    """CLI: ``python -m blendexp.models.tiny <dir>`` writes a tiny base for experiments and bug reports."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    models, sd15 = save_tiny_base(args.root, args.seed)
+    print(f"models={models}\nsd15={sd15}")
+
+
+if __name__ == "__main__":
+    main()
