@@ -1,0 +1,103 @@
+"""Lightning callbacks shared by the recipes: fixed-seed sample grids and adapter export at the end."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def image_grid(rows: list[list[np.ndarray | None]], pad: int = 2) -> Image.Image:
+    """Tile uint8 (H, W, 3) images into one picture; ``None`` cells stay white."""
+    h, w = next(c for r in rows for c in r if c is not None).shape[:2]
+    grid = np.full((len(rows) * (h + pad) + pad, max(map(len, rows)) * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            if cell is not None:
+                y, x = pad + i * (h + pad), pad + j * (w + pad)
+                grid[y:y + h, x:x + w] = cell[:h, :w]
+    return Image.fromarray(grid)
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+class SampleGrid(L.Callback):
+    """Every N steps: identities (rows) × target expressions (columns) from the evaluation shards, fixed seeds.
+
+    Row 0 shows the frames the target expressions were taken from; column 0 the identity's own image.
+    Written to ``<run>/samples/step_XXXXXX.png`` and to loggers that take images (W&B).
+    """
+
+    def __init__(self, every_n_steps: int = 100, n_identities: int = 3, n_expressions: int = 4,
+                 steps: int = 20, guidance: float = 3.0, seed: int = 0) -> None:
+        self.every_n_steps, self.n_ids, self.n_exps = every_n_steps, n_identities, n_expressions
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self._preview: dict[str, Any] | None = None
+        self.paths: list[Path] = []
+
+    def _conditions(self, trainer: L.Trainer) -> dict[str, Any]:
+        """Fixed preview batch from the DataModule (read once)."""
+        if self._preview is None:
+            self._preview = trainer.datamodule.preview(self.n_ids + self.n_exps)
+        return self._preview
+
+    @rank_zero_only
+    def render(self, trainer: L.Trainer, module: L.LightningModule) -> Path:
+        """Generate the grid now and write it."""
+        prev = self._conditions(trainer)
+        n_ids = min(self.n_ids, len(prev["id"]) - 1)
+        ids, exps = prev["id"][:n_ids], prev["exp"][n_ids:n_ids + self.n_exps]
+        id_rows = ids.repeat_interleave(len(exps), 0)
+        exp_rows = exps.repeat(n_ids, 1)
+        seeds = [self.seed + i for i in range(len(id_rows))]
+        images = module.sample_images(id_rows, exp_rows, seeds=seeds, steps=self.steps, guidance=self.guidance,
+                                      size=prev["pixel_values"].shape[-1])
+        src = to_uint8(prev["pixel_values"])
+        rows: list[list[np.ndarray | None]] = [[None] + list(src[n_ids:n_ids + len(exps)])]
+        for i in range(n_ids):
+            rows.append([src[i]] + list(images[i * len(exps):(i + 1) * len(exps)]))
+        out = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid = image_grid(rows)
+        grid.save(out)
+        self.paths.append(out)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step)
+        return out
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        """Render on schedule (not at step 0, not twice for the same step)."""
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step > 0:
+            self.render(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """A final grid unless the last step already produced one."""
+        if not self.paths or not self.paths[-1].name.endswith(f"{trainer.global_step:06d}.png"):
+            self.render(trainer, module)
+
+
+class ExportAdapter(L.Callback):
+    """At the end of training, write the adapter in the format diffusers' loaders read."""
+
+    def __init__(self, dirname: str = "export") -> None:
+        self.dirname = dirname
+        self.files: list[Path] = []
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Export to ``<run>/<dirname>``."""
+        self.files = module.export(Path(trainer.default_root_dir) / self.dirname)
+        log.info("exported %s", ", ".join(map(str, self.files)))

@@ -1,0 +1,218 @@
+"""The toy world's parameter spaces: who is in the picture, which expression, which photo conditions.
+
+Kept apart from the drawing code (render.py, which re-exports everything here) so that data
+builders and metrics can sample and save ground truth without touching geometry.
+
+Mapped FLAME indices (every other coefficient is ignored by the renderer and sampled as 0; the
+meanings are this toy world's own, not FLAME's PCA semantics). "left" is the SUBJECT's left,
+which appears on the IMAGE right, as in FLAME/SMIRK naming:
+
+====  ============  ============  ==========  ==================================================
+idx   component     name          range       visible change (region)
+====  ============  ============  ==========  ==================================================
+0     exp.0         smile_left    [-3, 3]     + lifts / - drops the left mouth corner (mouth)
+1     exp.1         smile_right   [-3, 3]     same for the right corner (mouth)
+2     exp.2         brow_left     [-3, 3]     + raises / - lowers the left brow (left_brow)
+3     exp.3         brow_right    [-3, 3]     same for the right brow (right_brow)
+4     exp.4         brow_furrow   [0, 3]      inner brows down and together, glabella lines (brows)
+5     exp.5         lip_pucker    [-3, 3]     + narrow full lips / - wide thin lips (mouth)
+6     exp.6         nose_wrinkle  [0, 3]      nostrils flare and lift, bridge creases (nose)
+7     exp.7         cheek_puff    [0, 3]      cheeks widen and brighten (cheeks)
+50    eyelid.0      eyelid_left   [0, 1]      left upper lid closes, 1 = shut (left_eye)
+51    eyelid.1      eyelid_right  [0, 1]      same for the right eye (right_eye)
+52    jaw.0         jaw_open      [0, 0.4]    mouth opens, teeth show, chin drops (jaw)
+53    jaw.1         jaw_sideways  [-0.2, 0.2] + lower lip and chin move to the image right (jaw)
+54    jaw.2         jaw_roll      [-0.2, 0.2] lower jaw tilts in the image plane (jaw)
+====  ============  ============  ==========  ==================================================
+
+Values outside a range are clipped when drawing. Ranges follow SMIRK's outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass, fields
+
+import numpy as np
+
+from blendexp.data.format import COMPONENT_NAMES, EXP_DIM, EYELIDS, JAW, check_vector
+
+RGB = tuple[float, float, float]
+RGB_FIELDS = ("skin", "hair", "eye", "lip", "glasses_rgb", "shirt")
+INT_FIELDS = ("hair_style", "glasses")
+HAIR_STYLES = ("short", "long", "bald", "fringe", "curly")
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """What one mapped FLAME index does in the toy world, so tests and metrics can target it."""
+
+    name: str
+    low: float
+    high: float
+    region: str  # key of region_masks() that contains every pixel this component changes
+    meaning: str
+
+
+def _exp(i: int) -> int:
+    """Index of expression coefficient ``exp.i`` in the 55-d vector (checked against format.py)."""
+    return COMPONENT_NAMES.index(f"exp.{i}")
+
+
+MAPPED_COMPONENTS: dict[int, ComponentInfo] = {
+    _exp(0): ComponentInfo("smile_left", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's left mouth corner"),
+    _exp(1): ComponentInfo("smile_right", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's right mouth corner"),
+    _exp(2): ComponentInfo("brow_left", -3.0, 3.0, "left_brow", "+ raises, - lowers the subject's left brow"),
+    _exp(3): ComponentInfo("brow_right", -3.0, 3.0, "right_brow", "+ raises, - lowers the subject's right brow"),
+    _exp(4): ComponentInfo("brow_furrow", 0.0, 3.0, "brows", "pulls inner brows down/together, glabella lines"),
+    _exp(5): ComponentInfo("lip_pucker", -3.0, 3.0, "mouth", "+ narrow full lips (pucker), - wide thin (stretch)"),
+    _exp(6): ComponentInfo("nose_wrinkle", 0.0, 3.0, "nose", "flares/lifts nostrils, wrinkles the bridge"),
+    _exp(7): ComponentInfo("cheek_puff", 0.0, 3.0, "cheeks", "widens and highlights the cheeks"),
+    EYELIDS.start: ComponentInfo("eyelid_left", 0.0, 1.0, "left_eye", "closes the subject's left eye (1 = closed)"),
+    EYELIDS.start + 1: ComponentInfo("eyelid_right", 0.0, 1.0, "right_eye", "closes the subject's right eye"),
+    JAW.start: ComponentInfo("jaw_open", 0.0, 0.4, "jaw", "opens the mouth and drops the chin"),
+    JAW.start + 1: ComponentInfo("jaw_sideways", -0.2, 0.2, "jaw", "+ shifts lower lip and chin to image right"),
+    JAW.start + 2: ComponentInfo("jaw_roll", -0.2, 0.2, "jaw", "tilts the lower jaw in the image plane (rad)"),
+}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Everything that makes one toy person recognisable; lengths are fractions of the frame."""
+
+    face_width: float  # half-width at the cheeks
+    face_height: float  # v of the chin
+    jaw_roundness: float  # superellipse exponent of the lower face: low = pointed chin, high = square
+    skin: RGB
+    hair: RGB
+    hair_style: int  # index into HAIR_STYLES
+    eye: RGB  # iris colour
+    eye_spacing: float  # half the distance between the eye centres
+    eye_size: float  # half-width of an eye
+    eye_aspect: float  # half-height / half-width of an eye
+    nose_length: float  # v of the nose bottom
+    nose_width: float
+    mouth_width: float  # half-width of the mouth
+    lip_thickness: float
+    lip: RGB
+    brow_thickness: float
+    brow_height: float  # brow above the eye centre
+    glasses: int  # 0 none, 1 round, 2 square
+    glasses_rgb: RGB
+    shirt: RGB
+    ear_size: float
+
+    def to_vector(self) -> np.ndarray:
+        """Flat float32 vector (IDENTITY_DIM,) stored next to rendered data as the identity label."""
+        flat = [x for v in astuple(self) for x in (v if isinstance(v, tuple) else (v,))]
+        return np.asarray(flat, dtype=np.float32)
+
+    @classmethod
+    def from_vector(cls, vec: np.ndarray) -> Identity:
+        """Inverse of ``to_vector``, so saved ground truth re-renders the same face."""
+        vec = check_vector(vec, IDENTITY_DIM, "identity vector")
+        values, i = {}, 0
+        for f in fields(cls):
+            n = 3 if f.name in RGB_FIELDS else 1
+            chunk = [float(x) for x in vec[i : i + n]]
+            values[f.name] = tuple(chunk) if n == 3 else int(round(chunk[0])) if f.name in INT_FIELDS else chunk[0]
+            i += n
+        return cls(**values)
+
+
+IDENTITY_DIM = len(fields(Identity)) + 2 * len(RGB_FIELDS)
+
+
+@dataclass
+class Nuisance:
+    """Everything that changes a photo but not the person or expression (pose, light, background, framing)."""
+
+    yaw: float = 0.0  # radians; + turns the nose towards the image right
+    pitch: float = 0.0
+    roll: float = 0.0
+    light_azimuth: float = 0.0  # direction (image plane) the light comes from
+    light_strength: float = 0.0  # shading varies by about +-strength across the frame
+    brightness: float = 1.0
+    bg_start: RGB = (200.0, 200.0, 200.0)
+    bg_end: RGB = (200.0, 200.0, 200.0)
+    bg_angle: float = 0.0  # direction of the background gradient
+    scale: float = 1.0
+    dx: float = 0.0  # shift in frame fractions
+    dy: float = 0.0
+
+    @classmethod
+    def none(cls) -> Nuisance:
+        """Frontal, flat-lit, centred face on a grey background (the aligned reference view)."""
+        return cls()
+
+    def to_vector(self) -> np.ndarray:
+        """Flat float32 vector so per-frame nuisances can be saved and interpolated."""
+        flat = [x for v in astuple(self) for x in (v if isinstance(v, tuple) else (v,))]
+        return np.asarray(flat, dtype=np.float32)
+
+    @classmethod
+    def from_vector(cls, vec: np.ndarray) -> Nuisance:
+        """Inverse of ``to_vector``."""
+        v = [float(x) for x in np.asarray(vec, dtype=np.float64).reshape(-1)]
+        return cls(*v[:6], tuple(v[6:9]), tuple(v[9:12]), *v[12:16])  # type: ignore[arg-type]
+
+
+def _pick(rng: np.random.Generator, palette: list[RGB], jitter: float) -> RGB:
+    """A palette colour with per-channel jitter, so identities share types but never exact colours."""
+    c = np.asarray(palette[rng.integers(len(palette))], dtype=np.float64) + rng.uniform(-jitter, jitter, 3)
+    return tuple(float(x) for x in np.clip(c, 0, 255))  # type: ignore[return-value]
+
+
+SKIN = [(255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 96), (160, 100, 66), (114, 70, 46)]
+HAIR = [(25, 22, 22), (62, 42, 28), (110, 72, 40), (155, 72, 35), (220, 185, 120), (175, 175, 175),
+        (235, 233, 228), (45, 75, 170), (205, 85, 145), (55, 135, 85)]  # fmt: skip
+IRIS = [(75, 45, 25), (40, 28, 20), (70, 120, 185), (75, 135, 85), (135, 105, 55), (120, 130, 145)]
+FRAMES = [(20, 20, 20), (120, 70, 30), (180, 180, 190), (150, 30, 30), (30, 60, 140)]
+
+
+def sample_identity(rng: np.random.Generator) -> Identity:
+    """A random, visually distinct person (categorical hair/glasses/colours plus continuous shape)."""
+    u = rng.uniform
+    skin = _pick(rng, SKIN, 10)
+    lipstick = u() < 0.2
+    lip = _pick(rng, [(185, 35, 55), (150, 45, 95), (205, 85, 85)], 15) if lipstick else (
+        tuple(float(np.clip(s * k + u(-12, 12), 0, 255)) for s, k in zip(skin, (0.85, 0.6, 0.62))))
+    ident = Identity(
+        face_width=u(0.25, 0.30), face_height=u(0.84, 0.89), jaw_roundness=u(1.7, 3.2), skin=skin,
+        hair=_pick(rng, HAIR, 15), hair_style=int(rng.integers(len(HAIR_STYLES))), eye=_pick(rng, IRIS, 15),
+        eye_spacing=u(0.10, 0.125), eye_size=u(0.05, 0.064), eye_aspect=u(0.4, 0.56),
+        nose_length=u(0.56, 0.61), nose_width=u(0.035, 0.052), mouth_width=u(0.07, 0.095),
+        lip_thickness=u(0.013, 0.023), lip=lip, brow_thickness=u(0.011, 0.022), brow_height=u(0.06, 0.075),
+        glasses=int(rng.choice(3, p=[0.6, 0.2, 0.2])), glasses_rgb=_pick(rng, FRAMES, 15),
+        shirt=tuple(float(x) for x in u(20, 235, 3)), ear_size=u(0.04, 0.055),  # type: ignore[arg-type]
+    )
+    return Identity.from_vector(ident.to_vector())  # float32-exact, so saved vectors re-render identically
+
+
+def neutral_expression() -> np.ndarray:
+    """All-zero FLAME vector: mouth closed, eyes open, brows at rest."""
+    return np.zeros(EXP_DIM, dtype=np.float32)
+
+
+def sample_expression(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Random (55,) expression: each mapped component is active with p=0.5, uniform over scale x its range."""
+    out = neutral_expression()
+    idx = np.fromiter(MAPPED_COMPONENTS, dtype=int)
+    lo = np.array([c.low for c in MAPPED_COMPONENTS.values()])
+    hi = np.array([c.high for c in MAPPED_COMPONENTS.values()])
+    active = rng.random(len(idx)) < 0.5
+    out[idx] = np.where(active, np.clip(rng.uniform(lo, hi) * scale, lo, hi), 0.0)
+    return out
+
+
+def sample_nuisance(rng: np.random.Generator, strength: float = 1.0) -> Nuisance:
+    """Random small pose, lighting, background and framing changes; strength 0 gives ``Nuisance.none()``."""
+    s, u = strength, rng.uniform
+    grey = np.full(3, 200.0)
+    bg = [tuple(float(x) for x in grey + (u(25, 235, 3) - grey) * min(s, 1.0)) for _ in range(2)]
+    return Nuisance(yaw=u(-0.25, 0.25) * s, pitch=u(-0.15, 0.15) * s, roll=u(-0.12, 0.12) * s,
+                    light_azimuth=u(-math.pi, math.pi), light_strength=u(0.0, 0.3) * s,
+                    brightness=1.0 + u(-0.15, 0.15) * s, bg_start=bg[0], bg_end=bg[1],  # type: ignore[arg-type]
+                    bg_angle=u(0, 2 * math.pi), scale=1.0 + u(-0.06, 0.06) * s, dx=u(-0.03, 0.03) * s,
+                    dy=u(-0.03, 0.03) * s)  # fmt: skip
+

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny Arc2Face base in the official layout and small toy-world shards, built once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(models dir, SD 1.5 dir) of a tiny random base written by the project's own factory."""
+    from blendexp.models.tiny import ensure_tiny_base
+
+    return ensure_tiny_base(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with train-*.tar (6 subjects × 4) and val-000000.tar (2 subjects × 4) toy faces at 64 px."""
+    from blendexp.toyworld.shards import write_split
+
+    out = tmp_path_factory.mktemp("toy_shards")
+    write_split(out, "train", range(6), 4, 64, seed=0, per_shard=12)
+    write_split(out, "val", range(6, 8), 4, 64, seed=0, per_shard=100)
+    return out
+
+
+def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <overrides>`` as a user would and capture its output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)

@@ -1,0 +1,113 @@
+"""SMIRK expression encoder: official key layout round trip, output ranges, crop geometry, annotator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blendexp.data.format import EXP_DIM, EYELIDS, JAW
+from blendexp.faces.detect import Face, MTCNNDetector
+from blendexp.faces.expression import (
+    SMIRK_PREFIX,
+    SmirkAnnotator,
+    SmirkExpressionEncoder,
+    load_smirk,
+    prepare_smirk_input,
+    save_smirk_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SmirkExpressionEncoder:
+    """A random SMIRK encoder whose head is pushed hard so every clamp in the output is active."""
+    torch.manual_seed(0)
+    model = SmirkExpressionEncoder().eval()
+    with torch.no_grad():
+        model.expression_layers[0].bias.copy_(torch.randn(EXP_DIM) * 3.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """Four random RGB inputs in [0, 1] at SMIRK's 224 px."""
+    return torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def test_checkpoint_round_trip_in_official_layout(tmp_path: Path, encoder: SmirkExpressionEncoder, images: torch.Tensor) -> None:
+    path = save_smirk_checkpoint(encoder, tmp_path / "smirk" / "SMIRK_em1.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw and all(k.startswith(SMIRK_PREFIX) for k in raw)
+    # The official names: timm backbone under `encoder.`, linear head under `expression_layers.0.`.
+    assert f"{SMIRK_PREFIX}encoder.conv_stem.weight" in raw
+    assert raw[f"{SMIRK_PREFIX}expression_layers.0.weight"].shape == (EXP_DIM, 960)
+    loaded = load_smirk(path)
+    assert not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), encoder(images), rtol=0, atol=0)
+
+
+def test_outputs_respect_smirk_ranges(encoder: SmirkExpressionEncoder, images: torch.Tensor) -> None:
+    with torch.no_grad():
+        flame = encoder(images)
+        parts = encoder.predict_params(images)
+    assert flame.shape == (4, EXP_DIM)
+    assert set(parts) == {"expression_params", "eyelid_params", "jaw_params"}
+    torch.testing.assert_close(flame[:, EYELIDS], parts["eyelid_params"])
+    eyelids, jaw = flame[:, EYELIDS], flame[:, JAW]
+    assert ((eyelids >= 0) & (eyelids <= 1)).all()
+    assert (jaw[:, 0] >= 0).all() and (jaw[:, 1:].abs() <= 0.2).all()
+    # The pushed head saturates some values, so the clamps were really exercised.
+    assert ((eyelids == 0) | (eyelids == 1)).any() or (jaw[:, 1:].abs() == 0.2).any() or (jaw[:, 0] == 0).any()
+    assert flame[:, :50].abs().max() > 1.0, "expression coefficients are not clamped"
+
+
+def test_missing_or_foreign_checkpoints_fail_clearly(tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "smirk" / "SMIRK_em1.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_smirk(missing)
+    foreign = tmp_path / "other.pt"
+    torch.save({"smirk_generator.conv.weight": torch.zeros(1)}, foreign)
+    with pytest.raises(ValueError, match=f"{foreign}.*{SMIRK_PREFIX}"):
+        load_smirk(foreign)
+
+
+def test_crop_matches_smirk_geometry() -> None:
+    image = np.zeros((400, 400, 3), np.uint8)
+    image[100:200, 100:200] = 255  # a white square exactly filling the box below
+    x = prepare_smirk_input(image, np.array([100.0, 100.0, 200.0, 200.0]))
+    assert x.shape == (1, 3, 224, 224) and x.dtype == torch.float32
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    # side = int(100 * 1.4) = 140 around centre 150; the box edges 100 and 200 map to 223 * (20 / 140)
+    # = 31.9 and 223 * (120 / 140) = 191.1, so the square covers columns 32..191.
+    cols = np.nonzero(x[0, 0, 112].numpy() > 0.5)[0]
+    assert abs(cols[0] - 32) <= 1 and abs(cols[-1] - 191) <= 1
+    with pytest.raises(ValueError, match="box"):
+        prepare_smirk_input(image, np.zeros((5, 2)))  # five points are too few to frame a face
+
+
+def test_swap_rb_reproduces_arc2face_channel_order() -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[..., 0] = 200
+    box = np.array([10.0, 10.0, 50.0, 50.0])
+    rgb = prepare_smirk_input(image, box)
+    bgr = prepare_smirk_input(image, box, swap_rb=True)
+    torch.testing.assert_close(bgr, rgb.flip(1))
+    assert float(rgb[0, 0, 112, 112]) == pytest.approx(200 / 255)
+
+
+def test_annotator_returns_none_for_faceless_images(
+    mtcnn: MTCNNDetector, encoder: SmirkExpressionEncoder, astronaut_rgb: np.ndarray, astronaut_face: Face
+) -> None:
+    annotator = SmirkAnnotator(mtcnn, encoder, batch_size=1)
+    blank = np.full((128, 128, 3), 90, np.uint8)
+    out = annotator.annotate([astronaut_rgb, blank, astronaut_rgb])
+    assert out[1] is None
+    assert out[0] is not None and out[0].shape == (EXP_DIM,) and out[0].dtype == np.float32
+    np.testing.assert_array_equal(out[0], out[2])
+    # Reusing detections gives the same vector as detecting again.
+    reused = annotator.annotate([astronaut_rgb, blank], faces=[astronaut_face, None])
+    np.testing.assert_allclose(reused[0], out[0], atol=1e-6)
+    assert reused[1] is None
