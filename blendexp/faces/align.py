@@ -56,12 +56,12 @@ def _crop_around(img: np.ndarray, quad: np.ndarray, qsize: float) -> tuple[np.nd
 
 
 def _pad_like_ffhq(img: np.ndarray, quad: np.ndarray, qsize: float) -> tuple[np.ndarray, np.ndarray]:
-    """Reflect-pad where the quad leaves the image and blur/flatten the padding, as FFHQ does, so borders look natural."""
+    """Reflect-pad where the quad leaves the image, blurring and flattening the padding as FFHQ does."""
     h, w = img.shape[:2]
     border = max(int(round(qsize * 0.1)), 3)
     lo = np.floor(quad.min(axis=0)).astype(int)
     hi = np.ceil(quad.max(axis=0)).astype(int)
-    pad = np.array([max(-lo[0] + border, 0), max(-lo[1] + border, 0), max(hi[0] - w + border, 0), max(hi[1] - h + border, 0)])
+    pad = np.maximum([-lo[0] + border, -lo[1] + border, hi[0] - w + border, hi[1] - h + border], 0)
     if pad.max() <= border - 4:
         return img, quad
     pad = np.maximum(pad, max(int(round(qsize * 0.3)), 1))
@@ -108,7 +108,7 @@ def align_ffhq(image_rgb: np.ndarray, landmarks5: np.ndarray, size: int = 512) -
 
 
 def arcface_crop(image_rgb: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
-    """Crop (112, 112, 3) RGB with ArcFace's five-point template, the input every insightface recogniser was trained on."""
+    """Crop (112, 112, 3) RGB on ArcFace's five-point template, the input insightface recognisers were trained on."""
     from insightface.utils.face_align import norm_crop
 
     img = ensure_rgb(image_rgb)

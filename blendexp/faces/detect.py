@@ -27,7 +27,7 @@ MODEL_LAYOUT = (
 DEFAULT_MIN_SCORE: dict[str, float] = {"mtcnn": 0.9, "insightface": 0.5}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compare by identity, not element-wise
 class Face:
     """One detected face; the unit that alignment, identity and expression crops consume."""
 
@@ -59,7 +59,7 @@ def ensure_rgb(image: np.ndarray) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {arr.shape}")
     if arr.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}; convert with (x * 255).round().astype(np.uint8)")
+        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}; convert floats with (x * 255).round()")
     return np.ascontiguousarray(arr[:, :, :3])
 
 
@@ -158,7 +158,7 @@ class InsightFaceDetector:
         self.det_size = (int(det_size[0]), int(det_size[1]))
         self.model = get_model(str(path), providers=ort_providers(device))
         if getattr(self.model, "taskname", None) != "detection" or not getattr(self.model, "use_kps", False):
-            raise ValueError(f"{path} is not an SCRFD detector with 5-point keypoints (insightface loaded {self.model!r})")
+            raise ValueError(f"{path} is not an SCRFD detector with 5 keypoints (insightface gave {self.model!r})")
         self.model.prepare(ctx_id=0, det_thresh=self.min_score, input_size=self.det_size)
         logger.info("loaded SCRFD detector %s", path)
 
@@ -177,7 +177,7 @@ def build_detector(
     min_score: float | None = None,
     device: str = "cpu",
 ) -> FaceDetector:
-    """Build a detector from config: ``insightface``, ``mtcnn`` or ``auto`` (SCRFD if its ONNX is present, else MTCNN)."""
+    """Build the configured detector: ``insightface``, ``mtcnn`` or ``auto`` (SCRFD if its ONNX exists, else MTCNN)."""
     if name == "auto":
         if model_dir is not None and find_detector_onnx(model_dir) is not None:
             name = "insightface"

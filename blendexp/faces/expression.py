@@ -1,4 +1,4 @@
-"""SMIRK's expression encoder: image -> 55-d FLAME vector (50 expression, 2 eyelid, 3 jaw), the Expression Adapter's input.
+"""SMIRK's expression encoder: image -> 55-d FLAME vector (50 expression, 2 eyelid, 3 jaw) for the Expression Adapter.
 
 The module mirrors SMIRK's ``ExpressionEncoder`` attribute for attribute (``encoder`` is the
 timm MobileNetV3 backbone, ``expression_layers`` the linear head), so the official
@@ -82,7 +82,7 @@ def load_smirk(path: str | Path, device: str = "cpu") -> SmirkExpressionEncoder:
         raise FileNotFoundError(f"SMIRK checkpoint not found at {path}; {SMIRK_HINT}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not a SMIRK checkpoint (expected a dict of tensors, got {type(checkpoint).__name__})")
+        raise ValueError(f"{path} is not a SMIRK checkpoint (a dict of tensors), got {type(checkpoint).__name__}")
     state = {k[len(SMIRK_PREFIX) :]: v for k, v in checkpoint.items() if k.startswith(SMIRK_PREFIX)}
     if not state:
         sample = list(checkpoint)[:5]
@@ -92,7 +92,9 @@ def load_smirk(path: str | Path, device: str = "cpu") -> SmirkExpressionEncoder:
     # Checkpoints from older torch may lack BatchNorm's step counters; they do not affect inference.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{path} does not match SMIRK's expression encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{path} does not match SMIRK's expression encoder: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.to(device).eval()
 
 
@@ -120,7 +122,7 @@ def smirk_crop_matrix(face_region: np.ndarray, scale: float = SMIRK_CROP_SCALE) 
 def prepare_smirk_input(
     image_rgb: np.ndarray, face_region: np.ndarray, scale: float = SMIRK_CROP_SCALE, swap_rb: bool = False
 ) -> torch.Tensor:
-    """Crop like SMIRK's demo and return (1, 3, 224, 224) in [0, 1]; ``swap_rb`` reproduces Arc2Face's run_smirk on RGB input, which hands the encoder BGR."""
+    """Crop like SMIRK's demo into (1, 3, 224, 224) RGB in [0, 1]; ``swap_rb`` mimics Arc2Face's run_smirk (BGR out)."""
     img = ensure_rgb(image_rgb)
     matrix = smirk_crop_matrix(face_region, scale)
     size = (SMIRK_INPUT_SIZE, SMIRK_INPUT_SIZE)
@@ -162,7 +164,9 @@ class SmirkAnnotator:
         return face
 
     @torch.no_grad()
-    def annotate(self, images: Sequence[np.ndarray], faces: Sequence[Face | None] | None = None) -> list[np.ndarray | None]:
+    def annotate(
+        self, images: Sequence[np.ndarray], faces: Sequence[Face | None] | None = None
+    ) -> list[np.ndarray | None]:
         """Return one (55,) float32 vector per image (None where no face); pass ``faces`` to reuse detections."""
         if faces is not None and len(faces) != len(images):
             raise ValueError(f"got {len(faces)} faces for {len(images)} images")

@@ -122,7 +122,8 @@ class FacenetRecognizer:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{self.path} does not match InceptionResnetV1: missing {missing[:5]}, unexpected {unexpected[:5]}; {FACENET_HINT}"
+                f"{self.path} does not match InceptionResnetV1: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}; {FACENET_HINT}"
             )
         self.device = torch.device(device)
         self.model.to(self.device).eval()
@@ -134,7 +135,8 @@ class FacenetRecognizer:
         crops = _check_crops(crops112)
         out = np.zeros((len(crops), ID_DIM), dtype=np.float32)
         for start in range(0, len(crops), self.batch_size):
-            x = torch.from_numpy(crops[start : start + self.batch_size]).to(self.device).permute(0, 3, 1, 2).float()
+            chunk = np.ascontiguousarray(crops[start : start + self.batch_size])
+            x = torch.from_numpy(chunk).to(self.device).permute(0, 3, 1, 2).float()
             x = nn.functional.interpolate(x, size=(FACENET_SIZE, FACENET_SIZE), mode="bilinear", align_corners=False)
             out[start : start + len(x)] = self.model((x - 127.5) / 128.0).cpu().numpy()
         return _l2_normalise(out)
@@ -150,7 +152,7 @@ def build_identity_encoder(name: str, path: str | Path, device: str = "cpu") -> 
 
 
 def export_arcface_onnx(module: nn.Module, path: str | Path, opset: int = 17) -> Path:
-    """Export a recogniser with arcface.onnx's signature so insightface runs it; it sees (N, 3, 112, 112) RGB as (x - 127.5) / 127.5."""
+    """Export with arcface.onnx's signature so insightface runs it; input is (N, 3, 112, 112) RGB as (x-127.5)/127.5."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     param = next(module.parameters(), None)
@@ -161,7 +163,7 @@ def export_arcface_onnx(module: nn.Module, path: str | Path, opset: int = 17) ->
         with torch.no_grad():
             shape = tuple(module(example).shape)
         if shape != (2, ID_DIM):
-            raise ValueError(f"module maps (2, 3, 112, 112) to {shape}; an ArcFace-style recogniser must give (2, {ID_DIM})")
+            raise ValueError(f"module maps (2, 3, 112, 112) to {shape}; a recogniser must give (2, {ID_DIM})")
         with warnings.catch_warnings():
             # The TorchScript exporter is deprecated but needs no onnxscript, which this project does not ship.
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -62,7 +62,9 @@ def test_ffhq_quad_is_a_square_centred_below_the_eyes() -> None:
     np.testing.assert_allclose(quad, [[240, 228], [240, 548], [560, 548], [560, 228]])
 
 
-def test_astronaut_aligned_to_ffhq_template(mtcnn: MTCNNDetector, astronaut_rgb: np.ndarray, astronaut_face: Face) -> None:
+def test_astronaut_aligned_to_ffhq_template(
+    mtcnn: MTCNNDetector, astronaut_rgb: np.ndarray, astronaut_face: Face
+) -> None:
     size = 512
     aligned = align_ffhq(astronaut_rgb, astronaut_face.landmarks5, size=size)
     assert aligned.shape == (size, size, 3)
@@ -91,6 +93,19 @@ def test_rotated_photo_comes_out_upright(mtcnn: MTCNNDetector, astronaut_rgb: np
     lm = mtcnn.detect(align_ffhq(rotated, face.landmarks5))[0].landmarks5
     roll = np.degrees(np.arctan2(lm[1, 1] - lm[0, 1], lm[1, 0] - lm[0, 0]))
     assert abs(roll) < 5.0, f"aligned face still rolled by {roll:.1f} degrees (input was 25)"
+
+
+def test_face_at_the_border_is_padded_like_ffhq(mtcnn: MTCNNDetector, astronaut_rgb: np.ndarray) -> None:
+    # Cut the photo so the face touches the top-left corner: the FFHQ quad then reaches ~60 px outside.
+    corner = np.ascontiguousarray(astronaut_rgb[70:, 175:])
+    face = mtcnn.detect(corner)[0]
+    assert ffhq_quad(face.landmarks5).min() < -30
+    aligned = align_ffhq(corner, face.landmarks5, size=256)
+    # FFHQ fills the outside with blurred reflections, never with black borders.
+    assert aligned[:16].mean() > 100 and aligned[:, :16].mean() > 100
+    # ...and the filled part is smooth: far less detail than the face itself.
+    detail = np.abs(np.diff(aligned.astype(np.float32), axis=1)).mean(axis=2)
+    assert detail[:20, :20].mean() < 0.5 * detail[96:160, 96:160].mean()
 
 
 def test_arcface_crop_puts_landmarks_on_the_arcface_template() -> None:

@@ -77,6 +77,7 @@ class FakeSCRFD(nn.Module):
     """
 
     def __init__(self) -> None:
+        """Constant per-anchor tables; only the firing anchor's score depends on the image."""
         super().__init__()
         for stride in (8, 16, 32):
             n = (640 // stride) ** 2 * 2
@@ -88,6 +89,7 @@ class FakeSCRFD(nn.Module):
             self.register_buffer(f"kps{stride}", torch.tensor(KPS_DIST).flatten().repeat(n, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Scores, then box distances, then keypoint distances, stride by stride, as SCRFD orders them."""
         score = torch.sigmoid(20.0 * (x[:, 0].mean() - x[:, 2].mean()))
         strides = (8, 16, 32)
         scores = [getattr(self, f"onehot{s}") * score for s in strides]
