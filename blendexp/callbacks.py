@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
@@ -35,7 +36,8 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 class SampleGrid(L.Callback):
     """Every N steps: identities (rows) × target expressions (columns) from the evaluation shards, fixed seeds.
 
-    Row 0 shows the frames the target expressions were taken from; column 0 the identity's own image.
+    Row 0 shows the frames the target expressions were taken from; column 0 the identity's own image, which is
+    also the reference image for recipes that generate from one (``module.uses_reference``).
     Written to ``<run>/samples/step_XXXXXX.png`` and to loggers that take images (W&B).
     """
 
@@ -61,8 +63,11 @@ class SampleGrid(L.Callback):
         id_rows = ids.repeat_interleave(len(exps), 0)
         exp_rows = exps.repeat(n_ids, 1)
         seeds = [self.seed + i for i in range(len(id_rows))]
+        extra = {}
+        if getattr(module, "uses_reference", False):
+            extra["reference"] = prev["pixel_values"][:n_ids].repeat_interleave(len(exps), 0)
         images = module.sample_images(id_rows, exp_rows, seeds=seeds, steps=self.steps, guidance=self.guidance,
-                                      size=prev["pixel_values"].shape[-1])
+                                      size=prev["pixel_values"].shape[-1], **extra)
         src = to_uint8(prev["pixel_values"])
         rows: list[list[np.ndarray | None]] = [[None] + list(src[n_ids:n_ids + len(exps)])]
         for i in range(n_ids):
@@ -87,6 +92,22 @@ class SampleGrid(L.Callback):
         """A final grid unless the last step already produced one."""
         if not self.paths or not self.paths[-1].name.endswith(f"{trainer.global_step:06d}.png"):
             self.render(trainer, module)
+
+
+class Checkpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training stops between save intervals.
+
+    Endless (resampled) data never ends an epoch, so without this the final steps of a run would be lost to
+    ``ckpt_path=last``.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Save ``last.ckpt`` at the final step unless it is already current."""
+        super().on_train_end(trainer, module)
+        if self.save_last and self.dirpath and self._last_global_step_saved != trainer.global_step:
+            path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)
+            self.last_model_path = str(path)
 
 
 class ExportAdapter(L.Callback):

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
-from lightning.pytorch.utilities import grad_norm
 
 from blendexp.models.arc2face import Arc2FaceBase, empty_prompt_embeds, id_prompt_embeds
 from blendexp.models.tiny import ensure_tiny_base
@@ -52,11 +51,13 @@ class DiffusionModule(L.LightningModule):
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def encode_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Cached latents when the shards carry them, else VAE-encoded pixels, scaled for the UNet."""
-        if "latents" in batch:
-            return batch["latents"].to(self.dtype)
-        dist = self.vae.encode(batch["pixel_values"].to(self.dtype)).latent_dist
+    def encode_latents(self, batch: dict[str, Any], prefix: str = "") -> torch.Tensor:
+        """Cached latents when the shards carry them, else VAE-encoded pixels, scaled for the UNet.
+
+        ``prefix`` selects another image of the batch, e.g. ``ref_`` for a pair's reference frame."""
+        if f"{prefix}latents" in batch:
+            return batch[f"{prefix}latents"].to(self.dtype)
+        dist = self.vae.encode(batch[f"{prefix}pixel_values"].to(self.dtype)).latent_dist
         return dist.sample() * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -102,9 +103,9 @@ class DiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global gradient norm of the trained weights."""
-        norms = grad_norm(self, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the trained weights with a warm-up learning-rate schedule stepped every batch."""

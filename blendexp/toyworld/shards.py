@@ -16,7 +16,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from blendexp.data.format import ID_DIM, FaceSample, encode_sample, make_key
-from blendexp.toyworld.render import IDENTITY_DIM, Identity, render_face, sample_expression, sample_identity, sample_nuisance
+from blendexp.toyworld.params import IDENTITY_DIM, Identity, sample_expression, sample_identity, sample_nuisance
+from blendexp.toyworld.render import render_face
 
 GT_ID_MODEL = "toyworld-gt-projection-v1"
 

@@ -1,0 +1,102 @@
+"""The training entry point, run as users run it: ``python -m blendexp.train +experiment=expr_adapter ...``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+
+def shard_overrides(shards: Path, tiny: tuple[Path, Path], out: Path) -> list[str]:
+    """Point a run at test shards, the session's tiny base and a temporary output folder."""
+    models, sd15 = tiny
+    return [f"data.sources.stills.shards={shards}/train-000000.tar", f"data.val_shards={shards}/val-000000.tar",
+            f"paths.models={models}", f"paths.sd15={sd15}", f"paths.tiny_base={models.parent}",
+            f"paths.outputs={out}", "data.num_workers=0", "callbacks.samples.steps=4"]
+
+
+def losses(run_dir: Path, version: int = 0) -> list[tuple[int, float]]:
+    """(step, loss) rows of one launch's CSV log."""
+    with open(run_dir / "logs" / f"version_{version}" / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_overfits_fixed_batch_and_exports(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
+    # One shard of 12 faces, batch 12, no shuffling: every step sees the same batch.
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", *shard_overrides(toy_shards, tiny_base, tmp_path),
+                  "run_name=overfit", "data.batch_size=12", "data.shuffle_buffer=0", "trainer.max_steps=100",
+                  "trainer.log_every_n_steps=1", "model.optim.lr=3e-3", "model.dropout.id=0", "model.dropout.exp=0",
+                  "model.dropout.both=0", "callbacks.samples.every_n_steps=60")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "expr_adapter" / "overfit"
+    rows = losses(run)
+    first = sum(l for _, l in rows[:20]) / 20
+    last = sum(l for _, l in rows[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+    for line in ("checkpoint:", "adapter:", "samples:", "logs:"):
+        assert line in res.stdout
+    assert (run / "export" / "exp_adapter.bin").is_file() and (run / "export" / "exp_adapter.safetensors").is_file()
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000060.png", "step_000100.png"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 100
+    assert ckpt["state_dict"] and all("encoder_hid_proj" in k or "_ip" in k for k in ckpt["state_dict"])
+
+
+@pytest.mark.slow
+def test_resume_from_last_continues_at_saved_step(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
+    common = ["+experiment=expr_adapter", *shard_overrides(toy_shards, tiny_base, tmp_path), "run_name=resume",
+              "callbacks.checkpoint.every_n_train_steps=10", "callbacks.samples.every_n_steps=0",
+              "trainer.log_every_n_steps=1"]
+    first = run_cli("blendexp.train", *common, "trainer.max_steps=20")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("blendexp.train", *common, "trainer.max_steps=30", "ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "finished at step 30" in second.stdout
+    run = tmp_path / "expr_adapter" / "resume"
+    assert [s for s, _ in losses(run, 0)] == list(range(20))
+    assert [s for s, _ in losses(run, 1)] == list(range(20, 30))  # continued, not restarted at step 0
+
+
+def test_unknown_config_option_lists_choices(tmp_path: Path) -> None:
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", "trainer=tpu", f"paths.outputs={tmp_path}")
+    assert res.returncode != 0
+    assert "Available options in 'trainer'" in res.stderr and "cpu" in res.stderr and "ddp" in res.stderr
+
+
+def test_missing_shards_fail_with_path(tmp_path: Path) -> None:
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", f"data.sources.stills.shards={tmp_path}/none.tar",
+                  f"paths.outputs={tmp_path}")
+    assert res.returncode == 1
+    assert f"{tmp_path}/none.tar does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_empty_shard_folder_fails(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", f"data.sources.stills.shards={tmp_path}/empty",
+                  f"paths.outputs={tmp_path}")
+    assert res.returncode == 1 and "no .tar shards found" in res.stderr
+
+
+def test_wrong_base_path_fails_with_layout(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", *shard_overrides(toy_shards, tiny_base, tmp_path),
+                  f"paths.models={tmp_path}/nope", "model.base.tiny_root=null")
+    assert res.returncode == 1
+    assert f"{tmp_path}/nope/arc2face/config.json" in res.stderr and "expected layout" in res.stderr
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", *shard_overrides(toy_shards, tiny_base, tmp_path),
+                  "run_name=nan", "model.optim.lr=1e38", "model.optim.warmup_steps=0", "trainer.gradient_clip_val=null",
+                  "callbacks.checkpoint.every_n_train_steps=1", "trainer.max_steps=50")
+    assert res.returncode == 1
+    assert "loss is nan" in res.stderr.lower() or "loss is inf" in res.stderr.lower()
+    assert "Last good checkpoint" in res.stderr
+    ckpt = torch.load(tmp_path / "expr_adapter" / "nan" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
