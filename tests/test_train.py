@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,10 +95,23 @@ def test_wrong_base_path_fails_with_layout(toy_shards: Path, tiny_base, tmp_path
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
     res = run_cli("blendexp.train", "+experiment=expr_adapter", *shard_overrides(toy_shards, tiny_base, tmp_path),
-                  "run_name=nan", "model.optim.lr=1e38", "model.optim.warmup_steps=0", "trainer.gradient_clip_val=null",
+                  "run_name=nan", "model.optim.lr=1e12", "model.optim.warmup_steps=0", "trainer.gradient_clip_val=null",
                   "callbacks.checkpoint.every_n_train_steps=1", "trainer.max_steps=50")
     assert res.returncode == 1
     assert "loss is nan" in res.stderr.lower() or "loss is inf" in res.stderr.lower()
     assert "Last good checkpoint" in res.stderr
     ckpt = torch.load(tmp_path / "expr_adapter" / "nan" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_and_wandb_sync_accepts_it(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", "logger=wandb",
+                  *shard_overrides(toy_shards, tiny_base, tmp_path), "run_name=wb", "trainer.max_steps=3",
+                  "trainer.log_every_n_steps=1", "callbacks.samples.every_n_steps=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / "expr_adapter" / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    sync = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(runs[0])],
+                          capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0 and "Would sync 1 run" in sync.stdout + sync.stderr
