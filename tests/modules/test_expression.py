@@ -1,0 +1,70 @@
+"""ExpressionAdapterModule internals: what trains, loss options, condition dropout and slim checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from blendexp.modules.expression import ExpressionAdapterModule
+
+
+def make(tiny_base: tuple[Path, Path], **overrides) -> ExpressionAdapterModule:
+    models, sd15 = tiny_base
+    kw = dict(base={"models": str(models), "sd15": str(sd15)}, adapter={"num_tokens": 4, "projection": "linear"},
+              noise={"prediction_type": "epsilon"}, dropout={}, optim={"lr": 1e-3})
+    kw.update(overrides)
+    return ExpressionAdapterModule(**kw)
+
+
+def batch(n: int = 2) -> dict:
+    torch.manual_seed(0)
+    return {"pixel_values": torch.rand(n, 3, 64, 64) * 2 - 1, "id": torch.randn(n, 512), "exp": torch.randn(n, 55)}
+
+
+@pytest.mark.parametrize("noise", [{"prediction_type": "epsilon"}, {"prediction_type": "v_prediction", "snr_gamma": 5.0},
+                                   {"prediction_type": "epsilon", "snr_gamma": 5.0}])
+def test_only_adapter_gets_gradients(tiny_base, noise: dict) -> None:
+    module = make(tiny_base, noise=noise)
+    loss = module.forward_loss(batch())
+    assert torch.isfinite(loss)
+    loss.backward()
+    trained = module.trainable_names()
+    assert trained and all("encoder_hid_proj" in n or "to_k_ip" in n or "to_v_ip" in n for n in trained)
+    for name, p in module.named_parameters():
+        assert (p.grad is not None) == (name in trained), name
+
+
+def test_dropout_replaces_conditions(tiny_base) -> None:
+    module = make(tiny_base, dropout={"id": 1.0})
+    module.train()
+    ids = torch.randn(3, 512)
+    dropped = module.id_embeds(ids, module.drop_mask("id", 3))
+    torch.testing.assert_close(dropped, module.empty_embeds.expand(3, -1, -1))
+    module.eval()  # no dropout outside training
+    assert not module.drop_mask("id", 3).any()
+
+
+def test_checkpoint_keeps_only_trained_weights(tiny_base) -> None:
+    module = make(tiny_base)
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert set(ckpt["state_dict"]) == module.trainable_names()
+    fresh = make(tiny_base)
+    fresh.strict_loading = False
+    fresh.load_state_dict(ckpt["state_dict"], strict=False)
+    for name, value in ckpt["state_dict"].items():
+        torch.testing.assert_close(fresh.state_dict()[name], value)
+
+
+def test_fine_tunes_an_existing_adapter(tiny_base, tmp_path: Path) -> None:
+    first = make(tiny_base, adapter={"num_tokens": 6, "projection": "mlp", "mult": 2})
+    for p in first.parameters():
+        if p.requires_grad:
+            p.data.add_(0.1)
+    first.export(tmp_path)
+    second = make(tiny_base, init_adapter=str(tmp_path / "exp_adapter.safetensors"))
+    assert second.trainable_names() == first.trainable_names()
+    for name in first.trainable_names():
+        torch.testing.assert_close(second.state_dict()[name], first.state_dict()[name])
