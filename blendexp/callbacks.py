@@ -111,7 +111,7 @@ class Checkpoint(ModelCheckpoint):
 
 
 class ExportAdapter(L.Callback):
-    """At the end of training, write the adapter in the format diffusers' loaders read."""
+    """At the end of training, write what was trained in the format diffusers' loaders read."""
 
     def __init__(self, dirname: str = "export") -> None:
         self.dirname = dirname

@@ -56,7 +56,7 @@ def summary(trainer: L.Trainer, callbacks: list[Any], metrics: dict[str, float])
         lines.append(f"  checkpoint: {ckpt.last_model_path}")
     for cb in callbacks:
         for f in getattr(cb, "files", []):
-            lines.append(f"  adapter:    {f}")
+            lines.append(f"  exported:   {f}")
         if getattr(cb, "paths", None):
             lines.append(f"  samples:    {cb.paths[-1]}")
     for lg in trainer.loggers:

@@ -40,7 +40,7 @@ def test_overfits_fixed_batch_and_exports(toy_shards: Path, tiny_base, tmp_path:
     first = sum(l for _, l in rows[:20]) / 20
     last = sum(l for _, l in rows[-20:]) / 20
     assert last < 0.8 * first, (first, last)
-    for line in ("checkpoint:", "adapter:", "samples:", "logs:"):
+    for line in ("checkpoint:", "exported:", "samples:", "logs:"):
         assert line in res.stdout
     assert (run / "export" / "exp_adapter.bin").is_file() and (run / "export" / "exp_adapter.safetensors").is_file()
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000060.png", "step_000100.png"]

@@ -60,13 +60,22 @@ class DiffusionModule(L.LightningModule):
         dist = self.vae.encode(batch[f"{prefix}pixel_values"].to(self.dtype)).latent_dist
         return dist.sample() * self.vae.config.scaling_factor
 
-    @torch.no_grad()
     def id_embeds(self, id_emb: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Arc2Face prompt embeddings (B, 77, D); rows in ``drop`` get the empty prompt (CFG's unconditional)."""
-        embeds = id_prompt_embeds(self.text_encoder, self.tokenizer, id_emb)
-        if drop is not None and drop.any():
-            embeds = torch.where(drop[:, None, None], self.empty_embeds.to(embeds.dtype), embeds)
+        """Arc2Face prompt embeddings (B, 77, D); rows in ``drop`` get the empty prompt (CFG's unconditional).
+
+        Gradients flow only when the text encoder itself is being trained (base training).
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trainable()):
+            embeds = id_prompt_embeds(self.text_encoder, self.tokenizer, id_emb)
+            if drop is not None and drop.any():
+                empty = empty_prompt_embeds(self.text_encoder, self.tokenizer) if self.text_encoder_trainable() \
+                    else self.empty_embeds
+                embeds = torch.where(drop[:, None, None], empty.to(embeds.dtype), embeds)
         return embeds
+
+    def text_encoder_trainable(self) -> bool:
+        """Whether this recipe trains the text encoder (then its outputs cannot be cached or detached)."""
+        return any(p.requires_grad for p in self.text_encoder.parameters())
 
     def drop_mask(self, key: str, n: int) -> torch.Tensor:
         """Rows whose condition ``key`` is dropped this step (classifier-free guidance training)."""
@@ -89,6 +98,16 @@ class DiffusionModule(L.LightningModule):
         weight = torch.clamp(snr, max=gamma) / (snr + 1 if pred_type == "v_prediction" else snr)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weight).mean()
+
+    def forward_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The recipe's loss for one batch; subclasses define their conditions here."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward_loss(batch)")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One optimisation step's loss, logged (and checked for NaN) the same way for every recipe."""
+        loss = self.forward_loss(batch)
+        self.log_step(loss, batch)
+        return loss
 
     def log_step(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
         """Log loss and skipped-sample count; stop with a clear message on a non-finite loss."""

@@ -47,12 +47,6 @@ class ExpressionAdapterModule(DiffusionModule):
 
         return self.diffusion_loss(latents, predict)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """One optimisation step's loss."""
-        loss = self.forward_loss(batch)
-        self.log_step(loss, batch)
-        return loss
-
     def export(self, folder: str | Path) -> list[Path]:
         """Write the adapter as ``exp_adapter.{bin,safetensors}`` for ``load_ip_adapter``."""
         return save_expression_adapter(self.unet, folder)

@@ -1,0 +1,60 @@
+"""Training the Arc2Face base itself: the UNet (and optionally the CLIP encoder) learns to draw the identity
+written at the ``id`` token. The official release has no training code; this recipe trains the toy base and
+fine-tunes the real one (``+experiment=arc2face_base``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from blendexp.modules.diffusion import DiffusionModule
+
+
+class Arc2FaceBaseModule(DiffusionModule):
+    """Noise-prediction training of the UNet conditioned on ID prompt embeddings, with ID dropout for CFG."""
+
+    def __init__(self, base: dict[str, Any], noise: dict[str, Any], dropout: dict[str, float],
+                 optim: dict[str, Any], train_text_encoder: bool = False) -> None:
+        super().__init__(base=base, noise=noise, dropout=dropout, optim=optim)
+        self.save_hyperparameters()
+        self.unet.requires_grad_(True)
+        self.text_encoder.requires_grad_(train_text_encoder)
+
+    def forward_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Diffusion loss of (image, id); dropped identities see the empty prompt."""
+        latents = self.encode_latents(batch)
+        encoder_states = self.id_embeds(batch["id"].to(self.dtype), self.drop_mask("id", latents.shape[0]))
+        return self.diffusion_loss(latents, lambda noisy, t: self.unet(noisy, t, encoder_states).sample)
+
+    @torch.no_grad()
+    def sample_images(self, id_emb: torch.Tensor, exp: torch.Tensor, seeds: list[int], steps: int = 20,
+                      guidance: float = 3.0, size: int = 64) -> list[np.ndarray]:
+        """One image per identity row (the base has no expression input; ``exp`` is ignored)."""
+        pipe = self.base().pipeline(DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        was_training = self.training
+        self.eval()
+        out = pipe(prompt_embeds=self.id_embeds(id_emb.to(self.device, self.dtype)), num_inference_steps=steps,
+                   guidance_scale=guidance, height=size, width=size, output_type="np",
+                   generator=[torch.Generator(self.device).manual_seed(s) for s in seeds])
+        self.train(was_training)
+        return list((out.images * 255).round().astype(np.uint8))
+
+    def export(self, folder: str | Path) -> list[Path]:
+        """Write a complete base in the official layout: ``models/{arc2face,encoder}`` + SD 1.5 parts."""
+        folder = Path(folder)
+        models, sd15 = folder / "models", folder / "stable-diffusion-v1-5"
+        self.unet.save_pretrained(models / "arc2face")
+        self.text_encoder.save_pretrained(models / "encoder")
+        self.vae.save_pretrained(sd15 / "vae")
+        self.tokenizer.save_pretrained(sd15 / "tokenizer")
+        self.noise_scheduler.save_pretrained(sd15 / "scheduler")
+        src_index = Path(self.hparams.base["sd15"]) / "model_index.json"
+        if src_index.is_file():
+            shutil.copy(src_index, sd15 / "model_index.json")
+        return [models, sd15]
