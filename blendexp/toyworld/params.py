@@ -22,7 +22,7 @@ idx   component     name          range       visible change (region)
 51    eyelid.1      eyelid_right  [0, 1]      same for the right eye (right_eye)
 52    jaw.0         jaw_open      [0, 0.4]    mouth opens, teeth show, chin drops (jaw)
 53    jaw.1         jaw_sideways  [-0.2, 0.2] + lower lip and chin move to the image right (jaw)
-54    jaw.2         jaw_roll      [-0.2, 0.2] lower jaw tilts in the image plane (jaw)
+54    jaw.2         jaw_roll      [-0.2, 0.2] + lower jaw tilts down on the image right (jaw)
 ====  ============  ============  ==========  ==================================================
 
 Values outside a range are clipped when drawing. Ranges follow SMIRK's outputs.
@@ -59,26 +59,27 @@ def _exp(i: int) -> int:
     return COMPONENT_NAMES.index(f"exp.{i}")
 
 
-MAPPED_COMPONENTS: dict[int, ComponentInfo] = {
-    _exp(0): ComponentInfo("smile_left", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's left mouth corner"),
-    _exp(1): ComponentInfo("smile_right", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's right mouth corner"),
-    _exp(2): ComponentInfo("brow_left", -3.0, 3.0, "left_brow", "+ raises, - lowers the subject's left brow"),
-    _exp(3): ComponentInfo("brow_right", -3.0, 3.0, "right_brow", "+ raises, - lowers the subject's right brow"),
-    _exp(4): ComponentInfo("brow_furrow", 0.0, 3.0, "brows", "pulls inner brows down/together, glabella lines"),
-    _exp(5): ComponentInfo("lip_pucker", -3.0, 3.0, "mouth", "+ narrow full lips (pucker), - wide thin (stretch)"),
-    _exp(6): ComponentInfo("nose_wrinkle", 0.0, 3.0, "nose", "flares/lifts nostrils, wrinkles the bridge"),
-    _exp(7): ComponentInfo("cheek_puff", 0.0, 3.0, "cheeks", "widens and highlights the cheeks"),
-    EYELIDS.start: ComponentInfo("eyelid_left", 0.0, 1.0, "left_eye", "closes the subject's left eye (1 = closed)"),
-    EYELIDS.start + 1: ComponentInfo("eyelid_right", 0.0, 1.0, "right_eye", "closes the subject's right eye"),
-    JAW.start: ComponentInfo("jaw_open", 0.0, 0.4, "jaw", "opens the mouth and drops the chin"),
-    JAW.start + 1: ComponentInfo("jaw_sideways", -0.2, 0.2, "jaw", "+ shifts lower lip and chin to image right"),
-    JAW.start + 2: ComponentInfo("jaw_roll", -0.2, 0.2, "jaw", "tilts the lower jaw in the image plane (rad)"),
+_C = ComponentInfo
+MAPPED_COMPONENTS: dict[int, ComponentInfo] = {  # index into the 55-d vector -> what it does (table above)
+    _exp(0): _C("smile_left", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's left mouth corner"),
+    _exp(1): _C("smile_right", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's right mouth corner"),
+    _exp(2): _C("brow_left", -3.0, 3.0, "left_brow", "+ raises, - lowers the subject's left brow"),
+    _exp(3): _C("brow_right", -3.0, 3.0, "right_brow", "+ raises, - lowers the subject's right brow"),
+    _exp(4): _C("brow_furrow", 0.0, 3.0, "brows", "pulls the inner brows down and together"),
+    _exp(5): _C("lip_pucker", -3.0, 3.0, "mouth", "+ narrow full lips (pucker), - wide thin lips (stretch)"),
+    _exp(6): _C("nose_wrinkle", 0.0, 3.0, "nose", "flares and lifts the nostrils, creases the bridge"),
+    _exp(7): _C("cheek_puff", 0.0, 3.0, "cheeks", "widens and brightens the cheeks"),
+    EYELIDS.start: _C("eyelid_left", 0.0, 1.0, "left_eye", "closes the subject's left eye (1 = shut)"),
+    EYELIDS.start + 1: _C("eyelid_right", 0.0, 1.0, "right_eye", "closes the subject's right eye (1 = shut)"),
+    JAW.start: _C("jaw_open", 0.0, 0.4, "jaw", "opens the mouth and drops the chin"),
+    JAW.start + 1: _C("jaw_sideways", -0.2, 0.2, "jaw", "+ moves the lower lip and chin to the image right"),
+    JAW.start + 2: _C("jaw_roll", -0.2, 0.2, "jaw", "+ tilts the lower jaw down on the image right"),
 }
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Everything that makes one toy person recognisable; lengths are fractions of the frame."""
+    """Everything that makes one toy person recognisable; lengths are frame fractions, colours RGB in [0, 1]."""
 
     face_width: float  # half-width at the cheeks
     face_height: float  # v of the chin
@@ -115,7 +116,8 @@ class Identity:
         for f in fields(cls):
             n = 3 if f.name in RGB_FIELDS else 1
             chunk = [float(x) for x in vec[i : i + n]]
-            values[f.name] = tuple(chunk) if n == 3 else int(round(chunk[0])) if f.name in INT_FIELDS else chunk[0]
+            scalar = int(round(chunk[0])) if f.name in INT_FIELDS else chunk[0]
+            values[f.name] = tuple(chunk) if n == 3 else scalar
             i += n
         return cls(**values)
 
@@ -125,7 +127,7 @@ IDENTITY_DIM = len(fields(Identity)) + 2 * len(RGB_FIELDS)
 
 @dataclass
 class Nuisance:
-    """Everything that changes a photo but not the person or expression (pose, light, background, framing)."""
+    """What changes a photo but not the person or expression: pose, light, background, framing."""
 
     yaw: float = 0.0  # radians; + turns the nose towards the image right
     pitch: float = 0.0
@@ -133,8 +135,8 @@ class Nuisance:
     light_azimuth: float = 0.0  # direction (image plane) the light comes from
     light_strength: float = 0.0  # shading varies by about +-strength across the frame
     brightness: float = 1.0
-    bg_start: RGB = (200.0, 200.0, 200.0)
-    bg_end: RGB = (200.0, 200.0, 200.0)
+    bg_start: RGB = (0.8, 0.8, 0.8)  # background gradient colours, RGB in [0, 1]
+    bg_end: RGB = (0.8, 0.8, 0.8)
     bg_angle: float = 0.0  # direction of the background gradient
     scale: float = 1.0
     dx: float = 0.0  # shift in frame fractions
@@ -160,7 +162,12 @@ class Nuisance:
 def _pick(rng: np.random.Generator, palette: list[RGB], jitter: float) -> RGB:
     """A palette colour with per-channel jitter, so identities share types but never exact colours."""
     c = np.asarray(palette[rng.integers(len(palette))], dtype=np.float64) + rng.uniform(-jitter, jitter, 3)
-    return tuple(float(x) for x in np.clip(c, 0, 255))  # type: ignore[return-value]
+    return _rgb(c / 255.0)
+
+
+def _rgb(c: np.ndarray) -> RGB:
+    """Clipped [0, 1] colour tuple (the unit every colour field uses)."""
+    return tuple(float(x) for x in np.clip(c, 0.0, 1.0))  # type: ignore[return-value]
 
 
 SKIN = [(255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 96), (160, 100, 66), (114, 70, 46)]
@@ -175,16 +182,16 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     u = rng.uniform
     skin = _pick(rng, SKIN, 10)
     lipstick = u() < 0.2
-    lip = _pick(rng, [(185, 35, 55), (150, 45, 95), (205, 85, 85)], 15) if lipstick else (
-        tuple(float(np.clip(s * k + u(-12, 12), 0, 255)) for s, k in zip(skin, (0.85, 0.6, 0.62))))
+    natural = _rgb(np.asarray(skin) * (0.85, 0.6, 0.62) + u(-0.05, 0.05))
+    lip = _pick(rng, [(185, 35, 55), (150, 45, 95), (205, 85, 85)], 15) if lipstick else natural
     ident = Identity(
         face_width=u(0.25, 0.30), face_height=u(0.84, 0.89), jaw_roundness=u(1.7, 3.2), skin=skin,
         hair=_pick(rng, HAIR, 15), hair_style=int(rng.integers(len(HAIR_STYLES))), eye=_pick(rng, IRIS, 15),
         eye_spacing=u(0.10, 0.125), eye_size=u(0.05, 0.064), eye_aspect=u(0.4, 0.56),
         nose_length=u(0.56, 0.61), nose_width=u(0.035, 0.052), mouth_width=u(0.07, 0.095),
-        lip_thickness=u(0.013, 0.023), lip=lip, brow_thickness=u(0.011, 0.022), brow_height=u(0.06, 0.075),
+        lip_thickness=u(0.013, 0.023), lip=lip, brow_thickness=u(0.013, 0.024), brow_height=u(0.065, 0.08),
         glasses=int(rng.choice(3, p=[0.6, 0.2, 0.2])), glasses_rgb=_pick(rng, FRAMES, 15),
-        shirt=tuple(float(x) for x in u(20, 235, 3)), ear_size=u(0.04, 0.055),  # type: ignore[arg-type]
+        shirt=_rgb(u(0.08, 0.92, 3)), ear_size=u(0.04, 0.055),
     )
     return Identity.from_vector(ident.to_vector())  # float32-exact, so saved vectors re-render identically
 
@@ -195,7 +202,7 @@ def neutral_expression() -> np.ndarray:
 
 
 def sample_expression(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
-    """Random (55,) expression: each mapped component is active with p=0.5, uniform over scale x its range."""
+    """Random (55,) expression: each mapped component is active with p=0.5, uniform over scale x range."""
     out = neutral_expression()
     idx = np.fromiter(MAPPED_COMPONENTS, dtype=int)
     lo = np.array([c.low for c in MAPPED_COMPONENTS.values()])
@@ -206,13 +213,13 @@ def sample_expression(rng: np.random.Generator, scale: float = 1.0) -> np.ndarra
 
 
 def sample_nuisance(rng: np.random.Generator, strength: float = 1.0) -> Nuisance:
-    """Random small pose, lighting, background and framing changes; strength 0 gives ``Nuisance.none()``."""
+    """Random small pose, light, background and framing changes; strength 0 renders like ``Nuisance.none()``."""
     s, u = strength, rng.uniform
-    grey = np.full(3, 200.0)
-    bg = [tuple(float(x) for x in grey + (u(25, 235, 3) - grey) * min(s, 1.0)) for _ in range(2)]
+    grey = np.asarray(Nuisance.bg_start)
+    bg = [_rgb(grey + (u(0.1, 0.92, 3) - grey) * min(s, 1.0)) for _ in range(2)]
     return Nuisance(yaw=u(-0.25, 0.25) * s, pitch=u(-0.15, 0.15) * s, roll=u(-0.12, 0.12) * s,
                     light_azimuth=u(-math.pi, math.pi), light_strength=u(0.0, 0.3) * s,
-                    brightness=1.0 + u(-0.15, 0.15) * s, bg_start=bg[0], bg_end=bg[1],  # type: ignore[arg-type]
+                    brightness=1.0 + u(-0.15, 0.15) * s, bg_start=bg[0], bg_end=bg[1],
                     bg_angle=u(0, 2 * math.pi), scale=1.0 + u(-0.06, 0.06) * s, dx=u(-0.03, 0.03) * s,
                     dy=u(-0.03, 0.03) * s)  # fmt: skip
 

@@ -39,11 +39,11 @@ __all__ = [  # the toy world's public API; the parameter types live in params.py
 ]  # fmt: skip
 
 EYE_Y, MOUTH_Y, CHEEK_V, HEAD_TOP = 0.40, 0.70, 0.47, 0.10
-CORNER_LIFT, CORNER_OUT, PUCKER_NARROW, STRETCH_WIDEN = 0.035, 0.012, 0.3, 0.25
+CORNER_LIFT, CORNER_OUT, PUCKER_NARROW, STRETCH_WIDEN = 0.035, 0.012, 0.35, 0.25
 JAW_TOP = MOUTH_Y - CORNER_LIFT - 0.015  # nothing above this line moves with the jaw
-JAW_DROP, JAW_SHIFT, JAW_ROLL = 0.065, 0.045, 0.35  # roll: radians at jaw.2 = 0.2 (exaggerated)
-BROW_LIFT, BROW_LOWER, FURROW_DROP, FURROW_IN = 0.028, 0.015, 0.016, 0.012
-PUFF, PUFF_V, NOSTRIL_FLARE, NOSE_LIFT = 0.09, 0.60, 0.35, 0.008
+JAW_DROP, JAW_SHIFT, JAW_TILT = 0.065, 0.045, 0.4  # tilt: drop per unit u at |jaw.2| = 0.2 (a shear)
+BROW_LIFT, BROW_LOWER, FURROW_DROP, FURROW_IN = 0.035, 0.018, 0.02, 0.018
+PUFF, PUFF_V, NOSTRIL_FLARE, NOSE_LIFT = 0.12, 0.60, 0.5, 0.012
 
 
 # ----------------------------------------------------------------------------------- geometry
@@ -71,20 +71,15 @@ def _band(u: np.ndarray, top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
 
 def _box(u0: float, v0: float, u1: float, v1: float) -> np.ndarray:
     """Densely sampled rectangle, so region masks follow the same curved warp as the drawing."""
-    t = np.linspace(0.0, 1.0, 12, endpoint=False)
-    du, dv = u0 + (u1 - u0) * t, v0 + (v1 - v0) * t
-    return np.concatenate([_pts(du, v0), _pts(u1, dv), _pts(du[::-1] + (u1 - u0) / 12, v1), _pts(u0, dv[::-1] + (v1 - v0) / 12)])
+    corners = np.array([[u0, v0], [u1, v0], [u1, v1], [u0, v1], [u0, v0]])
+    t = np.linspace(0.0, 1.0, 12, endpoint=False)[:, None]
+    return np.concatenate([a + (b - a) * t for a, b in zip(corners[:-1], corners[1:])])
 
 
 def _col(rgb: RGB | np.ndarray, k: float = 1.0, add: float = 0.0) -> tuple[int, int, int, int]:
-    """Opaque RGBA drawing colour (scaled/offset RGB)."""
-    c = np.clip(np.asarray(rgb, dtype=np.float64) * k + add, 0, 255)
+    """Opaque RGBA uint8 drawing colour from a [0, 1] colour, scaled by ``k`` plus ``add`` levels."""
+    c = np.clip(np.asarray(rgb, dtype=np.float64) * 255.0 * k + add, 0, 255)
     return int(c[0]), int(c[1]), int(c[2]), 255
-
-
-def _mix(a: RGB, b: tuple[int, ...], t: float) -> tuple[int, int, int, int]:
-    """Colour between ``a`` and ``b``: expression lines fade in continuously with their coefficient."""
-    return _col(np.asarray(a, dtype=np.float64) * (1 - t) + np.asarray(b[:3], dtype=np.float64) * t)
 
 
 def _warp(pts: np.ndarray, nz: Nuisance) -> np.ndarray:
@@ -145,11 +140,9 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 
 def _move_jaw(pts: np.ndarray, c: dict[str, float], w: np.ndarray) -> np.ndarray:
-    """Lower-jaw motion (open, sideways, roll) weighted per point, shared by chin outline and lower lip."""
+    """Lower-jaw motion weighted per point, shared by chin outline and lower lip: drop, shift, one-sided tilt."""
     u = pts[:, 0] + JAW_SHIFT * c["jaw_sideways"] * w
-    dv = pts[:, 1] + JAW_DROP * c["jaw_open"] * w - JAW_TOP
-    ang = JAW_ROLL * c["jaw_roll"] * w
-    return _pts(u * np.cos(ang) - dv * np.sin(ang), JAW_TOP + u * np.sin(ang) + dv * np.cos(ang))
+    return _pts(u, pts[:, 1] + (JAW_DROP * c["jaw_open"] + JAW_TILT * c["jaw_roll"] * pts[:, 0]) * w)
 
 
 def _face_outline(idn: Identity, c: dict[str, float]) -> np.ndarray:
@@ -196,13 +189,15 @@ def _hair_front(d: _Drawing, idn: Identity) -> None:
         return
     if style == "fringe":
         f = _fringe_v(idn)
-        line = [(1.0, 0.5), (0.96, f - 0.04), (0.85, f), (0.3, f + 0.004), (-0.3, f + 0.004), (-0.85, f), (-0.96, f - 0.04), (-1.0, 0.5)]
+        line = [(1.0, 0.5), (0.96, f - 0.04), (0.85, f), (0.3, f + 0.004)]
+        line += [(-x, y) for x, y in line[::-1]]
     elif style == "curly":
         uu = np.linspace(1.0, -1.0, 15)
         line = [(1.0, 0.42), *zip(uu * 0.9, 0.2 + 0.015 * np.abs(np.sin(uu * 9)) + 0.08 * uu**4), (-1.0, 0.42)]
     else:
         part = 0.02 if style == "long" else 0.0
-        line = [(1.0, 0.42), (0.93, 0.30), (0.6, 0.21), (0.15, 0.19 + part), (0.0, 0.19 - part), (-0.15, 0.19 + part), (-0.6, 0.21), (-0.93, 0.30), (-1.0, 0.42)]
+        line = [(1.0, 0.42), (0.93, 0.30), (0.6, 0.21), (0.15, 0.19 + part)]
+        line += [(0.0, 0.19 - part)] + [(-x, y) for x, y in line[::-1]]
     hairline = np.asarray(line, dtype=np.float64) * (w, 1.0)
     d.poly(np.concatenate([_hair_arc(idn, 0.02), hairline]), _col(idn.hair))
 
@@ -218,9 +213,9 @@ def _eye(d: _Drawing, idn: Identity, sgn: int, closure: float) -> None:
     d.poly(_band(u, rest, upper), _col(idn.skin, 0.93))  # lid
     d.poly(_band(u, upper, lower), (242, 240, 234, 255))  # sclera
     r = 0.95 * eh
-    for cv_, rad, colour in ((EYE_Y, r, _col(idn.eye)), (EYE_Y, 0.45 * r, (15, 12, 12, 255)),
-                             (EYE_Y - 0.35 * r, 0.2 * r, (250, 250, 250, 255))):  # fmt: skip
-        disc = _ellipse(cu + (0.35 * r if rad < 0.3 * r else 0.0), cv_, rad, rad)
+    discs = ((0.0, r, _col(idn.eye)), (0.0, 0.45 * r, (15, 12, 12, 255)), (0.35 * r, 0.2 * r, (250, 250, 250, 255)))
+    for off, rad, colour in discs:  # iris, pupil, glint, clipped to the open lids
+        disc = _ellipse(cu + off, EYE_Y - off, rad, rad)
         disc[:, 1] = np.clip(disc[:, 1], np.interp(disc[:, 0], u, upper), np.interp(disc[:, 0], u, lower))
         d.poly(disc, colour)
     d.line(_pts(u, upper), _col(idn.hair, 0.3), 0.005)  # lashes
@@ -231,8 +226,9 @@ def _brow(d: _Drawing, idn: Identity, sgn: int, lift: float, furrow: float) -> N
     """Brow arc: raised/lowered as a whole, inner end pulled down and in by the furrow."""
     inner, outer = sgn * (idn.eye_spacing - 0.9 * idn.eye_size), sgn * (idn.eye_spacing + 1.15 * idn.eye_size)
     u = inner + (outer - inner) * _T - sgn * FURROW_IN * furrow * (1 - _T) ** 2
-    dv = (BROW_LIFT if lift > 0 else BROW_LOWER) * lift * (0.7 + 0.3 * _T)
-    v = EYE_Y - idn.brow_height - 0.012 * np.sin(np.pi * (0.15 + 0.8 * _T)) - dv + FURROW_DROP * furrow * (1 - _T) ** 1.5
+    arch = 0.012 * np.sin(np.pi * (0.15 + 0.8 * _T))
+    dv = (BROW_LIFT if lift > 0 else BROW_LOWER) * lift * (0.7 + 0.3 * _T) - FURROW_DROP * furrow * (1 - _T) ** 1.5
+    v = EYE_Y - idn.brow_height - arch - dv
     half = idn.brow_thickness * (1 - 0.4 * _T) / 2
     d.poly(_band(u, v - half, v + half), _col(idn.hair, 0.8))
 
@@ -246,10 +242,10 @@ def _nose(d: _Drawing, idn: Identity, wrinkle: float) -> None:
     d.poly(_ellipse(0.0, ny - 0.014, nw * 0.5, 0.014), _col(skin, 1.03, 4))
     for sgn in (-1, 1):
         d.poly(_ellipse(sgn * nw * 0.42, ny - 0.003, 0.010, 0.0055), _col(skin, 0.45))
-    if wrinkle > 0:
+    if wrinkle > 0:  # bridge creases fade in with the coefficient
+        crease = _pts(np.linspace(-0.022, 0.022, 5), EYE_Y + 0.03 - 0.003 * np.sin(np.linspace(0, np.pi, 5)))
         for k in range(3):
-            d.line(_pts(np.linspace(-0.016, 0.016, 5), EYE_Y + 0.03 + 0.009 * k - 0.003 * np.sin(np.linspace(0, np.pi, 5))),
-                   _mix(skin, _col(skin, 0.6), wrinkle), 0.004)  # fmt: skip
+            d.line(crease + (0.0, 0.009 * k), _col(skin, 1 - 0.5 * wrinkle), 0.005)
 
 
 def _mouth(d: _Drawing, idn: Identity, c: dict[str, float]) -> None:
@@ -258,7 +254,8 @@ def _mouth(d: _Drawing, idn: Identity, c: dict[str, float]) -> None:
     mw = idn.mouth_width * (1 - PUCKER_NARROW * max(pk, 0.0) + STRETCH_WIDEN * max(-pk, 0.0))
     tu = idn.lip_thickness * (1 + 0.6 * max(pk, 0.0) - 0.35 * max(-pk, 0.0))
     sr, sl = c["smile_right"], c["smile_left"]
-    (ur, vr), (ul, vl) = [(s * (mw + CORNER_OUT * max(k, 0.0)), MOUTH_Y - CORNER_LIFT * k) for s, k in ((-1, sr), (1, sl))]
+    ur, vr = -(mw + CORNER_OUT * max(sr, 0.0)), MOUTH_Y - CORNER_LIFT * sr
+    ul, vl = mw + CORNER_OUT * max(sl, 0.0), MOUTH_Y - CORNER_LIFT * sl
     t, b = _T, _BULGE**0.6
     u = ur + (ul - ur) * t
     seam = vr * (1 - t) * (1 - 2 * t) + MOUTH_Y * 4 * t * (1 - t) + vl * t * (2 * t - 1)
@@ -274,7 +271,7 @@ def _mouth(d: _Drawing, idn: Identity, c: dict[str, float]) -> None:
     for sgn, k, cu, cv_ in ((-1, sr, ur, vr), (1, sl, ul, vl)):
         if k > 0:  # smile lines fade in with the corner lift
             fold = _pts(cu + sgn * np.array([0.018, 0.026, 0.024]), cv_ + np.array([-0.045, -0.015, 0.012]))
-            d.line(fold, _mix(idn.skin, _col(idn.skin, 0.72), k), 0.004)
+            d.line(fold, _col(idn.skin, 1 - 0.28 * k), 0.004)
 
 
 def _glasses(d: _Drawing, idn: Identity) -> None:
@@ -292,7 +289,8 @@ def _draw_face(idn: Identity, c: dict[str, float]) -> _Drawing:
     """All primitives of one face, back to front."""
     d, w, skin = _Drawing(), idn.face_width, idn.skin
     nk = 0.52 * w
-    d.poly(_pts([-0.7, -0.6, -1.05 * w, -nk, 0.0, nk, 1.05 * w, 0.6, 0.7], [1.3, 0.97, 0.915, 0.9, 0.99, 0.9, 0.915, 0.97, 1.3]), _col(idn.shirt))
+    shoulders = _pts([-0.7, -0.6, -1.05 * w, -nk, 0.0], [1.3, 0.97, 0.915, 0.9, 0.99])
+    d.poly(np.concatenate([shoulders, shoulders[-2::-1] * (-1, 1)]), _col(idn.shirt))
     _hair_back(d, idn)
     d.poly(_pts([-nk, nk, 1.05 * nk, -1.05 * nk], [0.6, 0.6, 1.0, 1.0]), _col(skin, 0.86))
     d.poly(_ellipse(0.0, idn.face_height + 0.005, 0.5 * w, 0.035), _col(skin, 0.7))
@@ -302,16 +300,18 @@ def _draw_face(idn: Identity, c: dict[str, float]) -> _Drawing:
     d.poly(_face_outline(idn, c), _col(skin))
     if c["cheek_puff"] > 0:
         for sgn in (-1, 1):
-            d.poly(_ellipse(sgn * 0.62 * w, PUFF_V, 0.045, 0.035), _mix(skin, _col(skin, 1.06, 10), c["cheek_puff"]))
+            glow = _col(skin, 1 + 0.1 * c["cheek_puff"], 14 * c["cheek_puff"])
+            d.poly(_ellipse(sgn * 0.62 * w, PUFF_V, 0.045, 0.035), glow)
     _mouth(d, idn, c)
     _nose(d, idn, c["nose_wrinkle"])
     for sgn, side in ((1, "left"), (-1, "right")):
         _eye(d, idn, sgn, c[f"eyelid_{side}"])
         _brow(d, idn, sgn, c[f"brow_{side}"], c["brow_furrow"])
     if c["brow_furrow"] > 0:
-        for sgn in (-1, 1):
-            glabella = _pts([sgn * 0.011, sgn * 0.013], [EYE_Y - idn.brow_height - 0.004, EYE_Y - idn.brow_height + 0.022])
-            d.line(glabella, _mix(skin, _col(skin, 0.7), c["brow_furrow"]), 0.003)
+        brow_v = EYE_Y - idn.brow_height
+        for sgn in (-1, 1):  # glabella lines
+            line = _pts([sgn * 0.011, sgn * 0.013], [brow_v - 0.004, brow_v + 0.022])
+            d.line(line, _col(skin, 1 - 0.45 * c["brow_furrow"]), 0.004)
     _hair_front(d, idn)
     if idn.glasses:
         _glasses(d, idn)
@@ -324,7 +324,9 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(x, x)
 
 
-def render_face(identity: Identity, expression: np.ndarray, nuisance: Nuisance | None = None, size: int = 128) -> Image.Image:
+def render_face(
+    identity: Identity, expression: np.ndarray, nuisance: Nuisance | None = None, size: int = 128
+) -> Image.Image:
     """Deterministic RGB face of ``identity`` showing ``expression`` (55,), the toy world's camera."""
     if not 32 <= size <= 2048:
         raise ValueError(f"size={size} is outside 32..2048 px")
@@ -335,9 +337,10 @@ def render_face(identity: Identity, expression: np.ndarray, nuisance: Nuisance |
     _draw_face(identity, c).render(canvas, nz)
     small = cv2.resize(canvas, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
     x, y = _grid(size)
-    shade = nz.brightness * (1 + 2 * nz.light_strength * ((x - 0.5) * math.cos(nz.light_azimuth) + (y - 0.5) * math.sin(nz.light_azimuth)))
+    lit = (x - 0.5) * math.cos(nz.light_azimuth) + (y - 0.5) * math.sin(nz.light_azimuth)
+    shade = nz.brightness * (1 + 2 * nz.light_strength * lit)
     t = np.clip(0.5 + (x - 0.5) * math.cos(nz.bg_angle) + (y - 0.5) * math.sin(nz.bg_angle), 0, 1)[..., None]
-    bg = (np.asarray(nz.bg_start, np.float32) * (1 - t) + np.asarray(nz.bg_end, np.float32) * t) / 255.0
+    bg = np.asarray(nz.bg_start, np.float32) * (1 - t) + np.asarray(nz.bg_end, np.float32) * t
     out = small[..., :3] * shade[..., None] + bg * (1 - small[..., 3:])
     return Image.fromarray(np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8), "RGB")
 
@@ -351,21 +354,21 @@ def _regions(idn: Identity) -> dict[str, list[np.ndarray]]:
     out: dict[str, list[np.ndarray]] = {"brows": [_box(-outer, brow_top, outer, brow_bot)]}
     for sgn, side in ((1, "left"), (-1, "right")):
         out[f"{side}_eye"] = [_box(sgn * es - ew - m, EYE_Y - eh - m, sgn * es + ew + m, EYE_Y + 0.7 * eh + m)]
-        out[f"{side}_brow"] = [_box(*sorted((sgn * inner, sgn * outer))[:1], brow_top, *sorted((sgn * inner, sgn * outer))[1:], brow_bot)]
-        out.setdefault("cheeks", []).append(
-            _box(*sorted((sgn * 0.4 * w, sgn * (w * (1 + PUFF) + m)))[:1], PUFF_V - 0.2, *sorted((sgn * 0.4 * w, sgn * (w * (1 + PUFF) + m)))[1:], PUFF_V + 0.2))
+        out[f"{side}_brow"] = [_box(sgn * inner, brow_top, sgn * outer, brow_bot)]
+        cheek = _box(sgn * 0.4 * w, PUFF_V - 0.2, sgn * (w * (1 + PUFF) + m), PUFF_V + 0.2)
+        out.setdefault("cheeks", []).append(cheek)
     nh = idn.nose_width * (1 + NOSTRIL_FLARE) * 0.72 + 0.016 + m
     out["nose"] = [_box(-nh, EYE_Y + 0.015, nh, idn.nose_length + m)]
     tu = idn.lip_thickness * 1.6
     mh = idn.mouth_width * (1 + STRETCH_WIDEN) + CORNER_OUT + 0.026 + m
     out["mouth"] = [_box(-mh, MOUTH_Y - CORNER_LIFT - max(0.045, tu) - m, mh, MOUTH_Y + CORNER_LIFT + 1.3 * tu + m)]
     jh = w + JAW_SHIFT + 0.06
-    out["jaw"] = [_box(-jh, JAW_TOP - 0.005, jh, idn.face_height + JAW_DROP + 0.05)]
+    out["jaw"] = [_box(-jh, JAW_TOP - 0.005, jh, idn.face_height + JAW_DROP + JAW_TILT * w * (1 + PUFF) + m)]
     return out
 
 
 def region_masks(identity: Identity, size: int, nuisance: Nuisance | None = None) -> dict[str, np.ndarray]:
-    """Boolean (size, size) masks of the pixels each ``ComponentInfo.region`` may change, under the same pose."""
+    """Boolean (size, size) masks of the pixels each ``ComponentInfo.region`` may change, under that pose."""
     nz = nuisance or Nuisance.none()
     masks = {}
     for name, polys in _regions(identity).items():
