@@ -33,6 +33,22 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+PREVIEW_POOL = 64  # evaluation samples scanned to find distinct subjects for the grid
+
+
+def preview_order(subjects: list[str], n_ids: int, n_exps: int) -> list[int]:
+    """Indices of ``n_ids`` samples of distinct subjects, then ``n_exps`` expression donors of other subjects.
+
+    Shards are grouped by subject, so the first few samples would otherwise all show the same person.
+    """
+    firsts = list(dict.fromkeys(subjects))
+    ids = [subjects.index(s) for s in firsts[:n_ids]]
+    donors = [i for i, s in enumerate(subjects) if s not in firsts[:n_ids]]
+    donors = donors[:: max(1, len(donors) // max(n_exps, 1))][:n_exps] if donors else []
+    rest = [i for i in range(len(subjects)) if i not in ids and i not in donors]
+    return ids + donors + rest[: max(0, n_exps - len(donors))]
+
+
 class SampleGrid(L.Callback):
     """Every N steps: identities (rows) × target expressions (columns) from the evaluation shards, fixed seeds.
 
@@ -46,19 +62,24 @@ class SampleGrid(L.Callback):
         self.every_n_steps, self.n_ids, self.n_exps = every_n_steps, n_identities, n_expressions
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self._preview: dict[str, Any] | None = None
+        self._n_found = 0
         self.paths: list[Path] = []
 
     def _conditions(self, trainer: L.Trainer) -> dict[str, Any]:
-        """Fixed preview batch from the DataModule (read once)."""
+        """Fixed preview batch from the DataModule (read once): identities first, then expression donors."""
         if self._preview is None:
-            self._preview = trainer.datamodule.preview(self.n_ids + self.n_exps)
+            batch = trainer.datamodule.preview(PREVIEW_POOL)
+            subjects = [str(k).split("/")[1] for k in batch["key"]]
+            order = preview_order(subjects, self.n_ids, self.n_exps)
+            self._n_found = min(self.n_ids, len(set(subjects)), len(order) - 1)
+            self._preview = {k: ([v[i] for i in order] if isinstance(v, list) else v[order]) for k, v in batch.items()}
         return self._preview
 
     @rank_zero_only
     def render(self, trainer: L.Trainer, module: L.LightningModule) -> Path:
         """Generate the grid now and write it."""
         prev = self._conditions(trainer)
-        n_ids = min(self.n_ids, len(prev["id"]) - 1)
+        n_ids = self._n_found
         ids, exps = prev["id"][:n_ids], prev["exp"][n_ids:n_ids + self.n_exps]
         id_rows = ids.repeat_interleave(len(exps), 0)
         exp_rows = exps.repeat(n_ids, 1)
