@@ -1,0 +1,132 @@
+"""The measuring instruments of the evaluation: face detector, ArcFace, a second recogniser and SMIRK.
+
+``Annotators.read`` turns a batch of images into what every metric needs: whether a face was found, its ArcFace
+(and facenet) embedding and its SMIRK FLAME vector. With ``tiny_root`` set, random annotators are written there
+once in the official file formats (ArcFace ONNX, facenet state dict, SMIRK checkpoint), so the embedded default
+runs the real loaders end to end; their scores only check the plumbing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from blendexp.data.format import EXP_DIM, ID_DIM
+from blendexp.faces.align import arcface_crop
+from blendexp.faces.detect import Face, FaceDetector, build_detector, ensure_rgb, largest_face
+from blendexp.faces.expression import SmirkAnnotator, load_smirk
+from blendexp.faces.identity import IdentityEncoder, build_identity_encoder
+
+log = logging.getLogger(__name__)
+
+# Five landmarks and the detector box of a face in an FFHQ-aligned crop, as fractions of a 512 px image
+# (landmarks: the usual FFHQ template; box: MTCNN on aligned photos).
+FFHQ_LANDMARKS = np.array([[192.98, 239.95], [318.90, 240.19], [256.63, 314.02], [201.26, 371.41],
+                           [313.09, 371.15]], dtype=np.float32) / 512.0
+FFHQ_BOX = np.array([0.23, 0.20, 0.77, 0.90], dtype=np.float32)
+TINY_FACENET = "facenet/20180402-114759-vggface2.pt"
+WEIGHTS = ("arcface", "facenet", "smirk")
+
+
+class AlignedFaces:
+    """A "detector" for FFHQ-aligned crops (shard images, Arc2Face outputs, toy faces): the face is where the
+    alignment put it. Use it where no real detector works (tiny and toy worlds); it never reports a missing face."""
+
+    def detect(self, image_rgb: np.ndarray) -> list[Face]:
+        """The FFHQ template scaled to this image."""
+        h, w = ensure_rgb(image_rgb).shape[:2]
+        scale = np.array([w, h], dtype=np.float32)
+        return [Face(bbox=FFHQ_BOX * np.tile(scale, 2), score=1.0, landmarks5=FFHQ_LANDMARKS * scale)]
+
+
+def ensure_tiny_annotators(root: str | Path) -> dict[str, Path]:
+    """The builder's tiny ArcFace ONNX and SMIRK checkpoint (so tiny shards and tiny scores share one recogniser)
+    plus a random facenet state dict, each written once (atomically) in its official format."""
+    from facenet_pytorch import InceptionResnetV1
+
+    from blendexp.data.build import ensure_tiny_annotators as ensure_builder_annotators
+
+    arcface, smirk = ensure_builder_annotators(root)
+    facenet = Path(root) / TINY_FACENET
+    if not facenet.exists():
+        log.info("writing a tiny random facenet to %s (plumbing checks only: its scores mean nothing)", facenet)
+        torch.manual_seed(0)
+        facenet.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(InceptionResnetV1(pretrained=None, classify=False).state_dict(), facenet.with_suffix(".tmp"))
+        os.replace(facenet.with_suffix(".tmp"), facenet)
+    return {"arcface": arcface, "facenet": facenet, "smirk": smirk}
+
+
+@dataclass
+class FaceReadout:
+    """What the metrics need from a batch of N images; rows without a face are NaN."""
+
+    found: np.ndarray  # (N,) bool
+    arcface: np.ndarray  # (N, 512) unit vectors
+    facenet: np.ndarray | None  # (N, 512) unit vectors, None when the cross-model check is off
+    exp: np.ndarray  # (N, 55) SMIRK FLAME vectors
+
+
+@dataclass
+class Annotators:
+    """Detector + recognisers + SMIRK, applied together so each image is detected once."""
+
+    detector: FaceDetector
+    arcface: IdentityEncoder
+    facenet: IdentityEncoder | None
+    smirk: SmirkAnnotator
+
+    def find_faces(self, images: Sequence[np.ndarray]) -> list[Face | None]:
+        """Largest face per image, None where there is none (a failing detector counts as no face, never a crash)."""
+        faces: list[Face | None] = []
+        for image in images:
+            try:
+                faces.append(largest_face(self.detector.detect(image)))
+            except (ValueError, RuntimeError) as err:
+                log.debug("face detection failed: %s", err)
+                faces.append(None)
+        return faces
+
+    def read(self, images: Sequence[np.ndarray]) -> FaceReadout:
+        """Detect, crop and embed a batch: one FaceReadout row per image."""
+        n = len(images)
+        faces = self.find_faces(images)
+        found = np.array([f is not None for f in faces], dtype=bool)
+        arc = np.full((n, ID_DIM), np.nan, np.float32)
+        fn = np.full((n, ID_DIM), np.nan, np.float32) if self.facenet is not None else None
+        exp = np.full((n, EXP_DIM), np.nan, np.float32)
+        idx = np.flatnonzero(found)
+        if len(idx):
+            crops = np.stack([arcface_crop(images[i], faces[i].landmarks5) for i in idx])
+            arc[idx] = self.arcface.embed(crops)
+            if self.facenet is not None and fn is not None:
+                fn[idx] = self.facenet.embed(crops)
+            vectors = self.smirk.annotate([images[i] for i in idx], [faces[i] for i in idx])
+            exp[idx] = np.stack([v for v in vectors if v is not None])
+        return FaceReadout(found=found, arcface=arc, facenet=fn, exp=exp)
+
+
+def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
+    """Build the configured annotators; ``tiny_root`` replaces the weight paths by tiny random files."""
+    paths = {k: cfg.get(k) for k in WEIGHTS}
+    if cfg.get("tiny_root"):
+        tiny = ensure_tiny_annotators(cfg["tiny_root"])
+        paths = {k: (tiny[k] if paths[k] else None) for k in WEIGHTS}  # facenet: null keeps the check off
+    for key in ("arcface", "smirk"):
+        if not paths[key]:
+            raise ValueError(f"eval.annotators.{key} is not set; give the weights file (or set tiny_root)")
+    arcface = build_identity_encoder("arcface", paths["arcface"], device)
+    facenet = build_identity_encoder("facenet", paths["facenet"], device) if paths["facenet"] else None
+    smirk = load_smirk(paths["smirk"], device)
+    name = cfg.get("detector", "auto")
+    detector: FaceDetector = AlignedFaces() if name == "aligned" else build_detector(
+        name, model_dir=cfg.get("detector_dir"), min_score=cfg.get("min_score"), device=device)
+    return Annotators(detector=detector, arcface=arcface, facenet=facenet,
+                      smirk=SmirkAnnotator(detector, smirk, swap_rb=bool(cfg.get("smirk_swap_rb", False)),
+                                           batch_size=int(cfg.get("batch_size", 16))))

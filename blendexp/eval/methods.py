@@ -1,0 +1,261 @@
+"""The methods an evaluation compares, built from YAML by ``kind``: ``arc2face`` (no adapter, the baseline),
+``expr_adapter`` (Expression Adapter), ``expr_ref`` (Expression + Reference Adapter, reference mode) and
+``folder`` (pre-generated images of any other method).
+
+A ``folder`` method holds one image per (source, target, sample) at ``<path>/<source>/<target>_<k>.<ext>``
+(``png``/``jpg``/...; names as in the run's ``sources.csv`` / ``targets.csv``, ``k`` = 0 .. samples-1). Generating methods write the
+same layout under ``<run>/generations/<method>``, so one run's generations can be scored as another's baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+from blendexp.data.format import EXP_DIM
+from blendexp.eval.inputs import IMAGE_EXTS
+from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
+from blendexp.models.expression_adapter import (
+    WEIGHT_NAME,
+    attach_expression_adapter,
+    expression_embeds,
+    load_expression_adapter,
+    save_expression_adapter,
+)
+from blendexp.models.reference_adapter import (
+    LORA_WEIGHT_NAME,
+    add_reference_lora,
+    generate_with_reference,
+    load_reference_pipeline,
+    save_reference_lora,
+)
+from blendexp.models.tiny import ensure_tiny_base
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GenerationSettings:
+    """How images are generated; part of the cache manifest, so changing one never reuses stale images."""
+
+    steps: int = 25
+    guidance: float = 3.0
+    size: int = 512
+    dtype: str = "float32"
+
+
+class FolderMethod:
+    """Images generated elsewhere, read from ``<path>/<source>/<target>_<k>.<ext>``."""
+
+    kind: ClassVar[str] = "folder"
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name, self.root = name, Path(path)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"eval.methods.{name}.path: {self.root} is not a folder; external baselines are "
+                                    f"folders of <source>/<target>_<k>.png images (names as in pairs.csv)")
+
+    def image_path(self, source: str, target: str, k: int) -> Path | None:
+        """The stored image for this (source, target, sample), or None when the folder lacks it."""
+        stem = self.root / source / f"{target}_{k}"
+        return next((stem.with_suffix(ext) for ext in IMAGE_EXTS if stem.with_suffix(ext).is_file()), None)
+
+
+def _has_adapter(folder: Path) -> bool:
+    """True for a folder holding ``exp_adapter.safetensors`` or ``.bin``."""
+    return any((folder / f"{WEIGHT_NAME}.{ext}").is_file() for ext in ("safetensors", "bin"))
+
+
+def _checkpoint_state(path: Path, unet: UNet2DConditionModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("unet."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("unet.")}
+    proj, cross = "encoder_hid_proj.image_projection_layers.0.", unet.config.cross_attention_dim
+    if proj + "image_embeds.weight" in state:
+        return state, {"projection": "linear", "num_tokens": state[proj + "image_embeds.weight"].shape[0] // cross}
+    if proj + "ff.net.0.proj.weight" in state:
+        return state, {"projection": "mlp", "num_tokens": state[proj + "ff.net.2.weight"].shape[0] // cross,
+                       "mult": state[proj + "ff.net.0.proj.weight"].shape[0] // EXP_DIM}
+    raise ValueError(f"{path} holds no Expression Adapter weights; give an expr_adapter run folder, its export/ "
+                     f"folder, an exp_adapter file or that run's checkpoint")
+
+
+def export_checkpoint_adapter(path: Path, unet: UNet2DConditionModel, folder: Path) -> Path:
+    """Write the adapter of a Lightning checkpoint as ``exp_adapter.*`` so it loads through the official loader."""
+    scratch = copy.deepcopy(unet)
+    state, shape = _checkpoint_state(path, scratch)
+    attach_expression_adapter(scratch, **shape)
+    missing, unexpected = scratch.load_state_dict(state, strict=False)
+    absent = [k for k in missing if k.startswith("encoder_hid_proj") or "_ip." in k]
+    if absent or unexpected:
+        raise ValueError(f"{path} does not match this base's Expression Adapter: missing {absent[:3]}, "
+                         f"unexpected {unexpected[:3]}; was it trained on another base?")
+    save_expression_adapter(scratch, folder)
+    return folder
+
+
+def resolve_adapter(path: str | None, unet: UNet2DConditionModel, workdir: Path, seed: int) -> Path:
+    """An Expression Adapter file or folder that ``load_expression_adapter`` reads, from any accepted form:
+    a run folder (its ``export/``), an export folder, an adapter file, a ``.ckpt``, or None (a fresh, untrained one)."""
+    if path is None:
+        log.warning("no expression adapter configured: using a freshly initialised (untrained) one — a plumbing "
+                    "check, not a result")
+        scratch = copy.deepcopy(unet)
+        torch.manual_seed(seed)
+        attach_expression_adapter(scratch)
+        save_expression_adapter(scratch, workdir / "_weights" / "untrained_exp_adapter")
+        return workdir / "_weights" / "untrained_exp_adapter"
+    p = Path(path)
+    if p.is_file() and p.suffix == ".ckpt":
+        return export_checkpoint_adapter(p, unet, workdir / "_weights" / f"ckpt_{p.stem}")
+    if p.is_file() or (p.is_dir() and _has_adapter(p)):
+        return p
+    if p.is_dir() and _has_adapter(p / "export"):
+        return p / "export"
+    raise FileNotFoundError(f"expression adapter not found at {p}; give a training run folder, its export/ folder, "
+                            f"an {WEIGHT_NAME}.safetensors/.bin file (e.g. <models>/exp_adapter) or a .ckpt")
+
+
+class Arc2FaceMethod:
+    """Arc2Face alone: ID tokens, no expression control (the baseline every adapter must beat on expression)."""
+
+    kind: ClassVar[str] = "arc2face"
+
+    def __init__(self, name: str, base: Mapping[str, Any], gen: GenerationSettings, device: str = "cpu",
+                 seed: int = 0, **options: Any) -> None:
+        self.name, self.base_cfg, self.gen, self.device, self.seed = name, dict(base), gen, device, seed
+        self.options = dict(options)
+        self.pipe: StableDiffusionPipeline | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides the images (written to the cache manifest)."""
+        return {"kind": self.kind, "base": self.base_cfg, "seed": self.seed, **asdict(self.gen), **self.options}
+
+    def load_base(self) -> Arc2FaceBase:
+        """The base in the configured dtype; with ``tiny_root`` the tiny random base is written there first."""
+        models, sd15, tiny = self.base_cfg["models"], self.base_cfg["sd15"], self.base_cfg.get("tiny_root")
+        if tiny:
+            models, sd15 = ensure_tiny_base(tiny)
+        return Arc2FaceBase.from_pretrained(str(models), str(sd15), dtype=DTYPES[self.gen.dtype])
+
+    def build(self, base: Arc2FaceBase, workdir: Path) -> None:
+        """Attach this method's adapters to ``base`` and make the pipeline."""
+        self.pipe = base.pipeline(DPMSolverMultistepScheduler.from_config(base.scheduler.config))
+
+    def load(self, workdir: Path) -> None:
+        """Load weights (only called when some image is not cached yet)."""
+        self.build(self.load_base(), workdir)
+        assert self.pipe is not None
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
+        """Run the pipeline for one batch (subclasses add their conditions)."""
+        assert self.pipe is not None
+        return self.pipe(prompt_embeds=prompt, **common)
+
+    @torch.no_grad()
+    def generate(self, id_emb: np.ndarray, exp: np.ndarray, sources: list[np.ndarray], seeds: list[int]
+                 ) -> list[np.ndarray]:
+        """One (size, size, 3) uint8 image per row of ``id_emb`` (B, 512) / ``exp`` (B, 55), one seed each."""
+        assert self.pipe is not None, "call load() first"
+        dtype, size = DTYPES[self.gen.dtype], self.gen.size
+        pipe = self.pipe
+        prompt = id_prompt_embeds(pipe.text_encoder, pipe.tokenizer, torch.from_numpy(id_emb).to(self.device))
+        refs = torch.stack([torch.from_numpy(np.array(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC)))
+                            for s in sources]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        out = self.call(prompt.to(dtype), torch.from_numpy(exp).to(self.device, dtype), refs.to(self.device, dtype),
+                        num_inference_steps=self.gen.steps, guidance_scale=self.gen.guidance, height=size, width=size,
+                        generator=[torch.Generator(self.device).manual_seed(s) for s in seeds], output_type="np")
+        return list((out.images * 255).round().astype(np.uint8))
+
+    def close(self) -> None:
+        """Free the models before the next method loads its own."""
+        self.pipe = None
+
+
+class ExpressionAdapterMethod(Arc2FaceMethod):
+    """Arc2Face + Expression Adapter (blendexp-trained or the official ``exp_adapter``)."""
+
+    kind: ClassVar[str] = "expr_adapter"
+
+    def build(self, base: Arc2FaceBase, workdir: Path) -> None:
+        """Load the adapter through the official loader onto the base UNet."""
+        path = resolve_adapter(self.options.get("adapter"), base.unet, workdir, self.seed)
+        load_expression_adapter(base.unet, path, scale=float(self.options.get("scale", 1.0)))
+        super().build(base, workdir)
+
+    def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
+        """Pass the FLAME vectors as IP-Adapter image embeddings (zeros for the unconditional half)."""
+        assert self.pipe is not None
+        return self.pipe(prompt_embeds=prompt, ip_adapter_image_embeds=expression_embeds(exp, self.gen.guidance > 1),
+                         **common)
+
+
+class ReferenceAdapterMethod(Arc2FaceMethod):
+    """Expression + Reference Adapter in reference mode: the source photo is also the reference image."""
+
+    kind: ClassVar[str] = "expr_ref"
+    ref_unet: UNet2DConditionModel | None = None
+
+    def build(self, base: Arc2FaceBase, workdir: Path) -> None:
+        """The official demo's set-up (``load_reference_pipeline``) with this method's adapters."""
+        ref = self.options.get("ref_adapter")
+        if ref is not None and (Path(ref) / "export" / LORA_WEIGHT_NAME).is_file():
+            ref = str(Path(ref) / "export")  # a training run folder
+        exp = self.options.get("exp_adapter")
+        if exp is None and ref is not None and Path(ref).is_dir() and _has_adapter(Path(ref)):
+            exp = ref  # the Expression Adapter trained jointly with this LoRA
+        exp_path = resolve_adapter(exp, base.unet, workdir, self.seed)
+        if ref is None:
+            log.warning("no reference adapter configured: using an untrained LoRA — a plumbing check, not a result")
+            scratch = copy.deepcopy(base.unet)
+            torch.manual_seed(self.seed)
+            add_reference_lora(scratch, rank=int(self.options.get("lora_rank", 16)))
+            ref = str(save_reference_lora(scratch, workdir / "_weights" / "untrained_ref_adapter"))
+        self.pipe, self.ref_unet = load_reference_pipeline(base, ref, exp_path)
+        self.ref_unet.to(self.device)
+
+    def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
+        """Reference mode: the reference UNet runs once per image on the source photo."""
+        assert self.pipe is not None and self.ref_unet is not None
+        return generate_with_reference(self.pipe, self.ref_unet, references, prompt,
+                                       lora_scale=float(self.options.get("lora_scale", 1.0)),
+                                       ip_adapter_image_embeds=expression_embeds(exp, self.gen.guidance > 1), **common)
+
+    def close(self) -> None:
+        """Free the reference UNet with the pipeline."""
+        super().close()
+        self.ref_unet = None
+
+
+METHODS: dict[str, type] = {m.kind: m for m in (Arc2FaceMethod, ExpressionAdapterMethod, ReferenceAdapterMethod,
+                                                 FolderMethod)}
+Method = Arc2FaceMethod | FolderMethod
+
+
+def build_method(name: str, cfg: Mapping[str, Any], base: Mapping[str, Any], gen: Mapping[str, Any],
+                 device: str = "cpu", seed: int = 0) -> Method:
+    """Build one configured method: ``kind`` picks the class; generation keys in ``cfg`` override ``gen``."""
+    options = dict(cfg)
+    kind = options.pop("kind", name)
+    if kind not in METHODS:
+        raise ValueError(f"eval.methods.{name}: unknown kind {kind!r}; choose one of {sorted(METHODS)}")
+    if kind == "folder":
+        if "path" not in options:
+            raise ValueError(f"eval.methods.{name}: a folder method needs path=<folder of generated images>")
+        return FolderMethod(name, options["path"])
+    fields = GenerationSettings.__dataclass_fields__
+    settings = GenerationSettings(**{k: v for k, v in {**gen, **options}.items() if k in fields})
+    return METHODS[kind](name, base, settings, device=device, seed=seed,
+                         **{k: v for k, v in options.items() if k not in fields})

@@ -1,0 +1,311 @@
+"""The evaluation protocol: every method generates N fixed-seed samples per (source face, target expression) pair,
+cached on disk, and every image is scored with the same annotators.
+
+Generations live at ``<run>/generations/<method>/<source>/<target>_<k>.png`` (seed = ``seed + k``) next to a
+``settings.json`` manifest: an image on disk is never generated again, so a re-run only scores and an interrupted
+run resumes; a manifest that disagrees with the configuration stops the run instead of mixing settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from blendexp.eval.annotators import Annotators, FaceReadout, build_annotators
+from blendexp.eval.features import build_feature_extractor, image_features
+from blendexp.eval.inputs import (
+    InputImage,
+    Skipped,
+    Target,
+    check_input,
+    flame_files,
+    load_image,
+    read_flame_file,
+    read_images,
+)
+from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method
+from blendexp.eval.metrics import Estimate, cosine_similarity, expression_errors, mean_ci, set_metrics
+
+log = logging.getLogger(__name__)
+
+PER_IMAGE_METRICS = ("id_sim", "id_sim_facenet", "exp_mae", "exp_l2", "exp_mae_expression", "exp_mae_eyelid",
+                     "exp_mae_jaw")
+
+
+@dataclass
+class Source:
+    """A usable source face: its image and reference embeddings (ArcFace also conditions the generation)."""
+
+    name: str
+    origin: str
+    image: np.ndarray
+    arcface: np.ndarray  # (512,)
+    facenet: np.ndarray | None  # (512,)
+
+
+@dataclass
+class EvalSet:
+    """Source faces × target expressions, and every input that had to be left out."""
+
+    sources: list[Source]
+    targets: list[Target]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def pairs(self, samples: int) -> list[tuple[int, int, int]]:
+        """(source index, target index, sample k) for every image a method must produce."""
+        return [(s, t, k) for s in range(len(self.sources)) for t in range(len(self.targets)) for k in range(samples)]
+
+
+@dataclass
+class SuiteResult:
+    """Everything the report needs: one row per image, component errors, summaries with intervals."""
+
+    test: EvalSet
+    per_image: pd.DataFrame
+    abs_errors: dict[str, np.ndarray]  # method -> (N, 55) absolute FLAME errors of images with a face
+    summary: dict[str, dict[str, Estimate]]
+    counts: dict[str, dict[str, int]]  # method -> images scored / missing
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``size`` items (batches for models and progress bars)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def read_faces(annotators: Annotators, images: Sequence[np.ndarray], batch_size: int, desc: str) -> FaceReadout:
+    """``Annotators.read`` over many images in batches, with a progress bar."""
+    parts = [annotators.read(b) for b in tqdm(list(chunks(images, batch_size)), desc=desc, disable=None)]
+    if not parts:
+        return annotators.read([])
+    return FaceReadout(found=np.concatenate([p.found for p in parts]), arcface=np.concatenate([p.arcface for p in parts]),
+                       facenet=None if parts[0].facenet is None else np.concatenate([p.facenet for p in parts]),
+                       exp=np.concatenate([p.exp for p in parts]))
+
+
+def _select(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset options shared by sources and targets."""
+    return {"limit": cfg.get("limit"), "offset": int(cfg.get("offset") or 0), "per_subject": cfg.get("per_subject")}
+
+
+def load_sources(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[Skipped], batch: int) -> list[Source]:
+    """Source faces with their embeddings; images without a detectable face are listed as skipped."""
+    items = read_images(cfg["path"], "source", skipped, **_select(cfg))
+    faces = read_faces(annotators, [i.image for i in items], batch, "read sources")
+    sources = []
+    for i, item in enumerate(items):
+        if not faces.found[i]:
+            log.warning("source %s: no face detected; skipped", item.origin)
+            skipped.append(Skipped("source", item.origin, "no face detected"))
+            continue
+        sources.append(Source(item.name, item.origin, item.image, faces.arcface[i],
+                              None if faces.facenet is None else faces.facenet[i]))
+    if not sources:
+        raise ValueError(f"no usable source faces in {cfg['path']}: every image was skipped "
+                         f"({'; '.join(f'{s.origin}: {s.reason}' for s in skipped[:5])})")
+    return sources
+
+
+def _nonempty(targets: list[Target], cfg: Mapping[str, Any]) -> list[Target]:
+    """Fail naming the path and the subset options when nothing is left to use as a target."""
+    if not targets:
+        raise ValueError(f"no usable target expressions in {cfg['path']} (offset={cfg.get('offset')}, "
+                         f"limit={cfg.get('limit')}); check eval.targets")
+    return targets
+
+
+def read_flame_targets(cfg: Mapping[str, Any]) -> list[Target] | None:
+    """Targets from FLAME files (None when the path holds images or shards); read before any model loads."""
+    files = flame_files(Path(cfg["path"]))
+    if files is None:
+        return None
+    sel = _select(cfg)
+    end = None if sel["limit"] is None else sel["offset"] + sel["limit"]
+    return _nonempty([t for f in files for t in read_flame_file(f)][sel["offset"]:end], cfg)
+
+
+def load_targets(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[Skipped], batch: int) -> list[Target]:
+    """Target expressions from shards (their ``exp.npy``) or driving images (through SMIRK; faceless ones skipped)."""
+    items: list[InputImage] = read_images(cfg["path"], "target", skipped, **_select(cfg))
+    driving = [i for i in items if i.exp is None]
+    faces = read_faces(annotators, [i.image for i in driving], batch, "read driving images")
+    exps = {id(item): faces.exp[j] for j, item in enumerate(driving) if faces.found[j]}
+    targets = []
+    for item in items:
+        exp = item.exp if item.exp is not None else exps.get(id(item))
+        if exp is None:
+            log.warning("driving image %s: no face detected; skipped", item.origin)
+            skipped.append(Skipped("target", item.origin, "no face detected"))
+            continue
+        targets.append(Target(item.name, item.origin, exp, item.image))
+    return _nonempty(targets, cfg)
+
+
+def check_manifest(folder: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix images made with other settings into a cache folder; write the manifest on first use."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "settings.json"
+    settings = json.loads(json.dumps(settings, default=str))
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())
+        if old != settings:
+            diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
+            raise ValueError(f"cached generations in {folder} were made with other settings {diff}; delete that "
+                             f"folder or evaluate under another run_name=")
+    else:
+        manifest.write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def generation_path(folder: Path, source: str, target: str, k: int) -> Path:
+    """Where one generated image lives (the layout external baselines use too)."""
+    return folder / source / f"{target}_{k}.png"
+
+
+def generate_missing(method: Arc2FaceMethod, test: EvalSet, folder: Path, samples: int, batch_size: int,
+                     seed: int) -> int:
+    """Generate the images not on disk yet (atomically, so an interrupted run leaves no half-written file)."""
+    jobs = test.pairs(samples)
+    todo = [j for j in jobs if not generation_path(folder, test.sources[j[0]].name, test.targets[j[1]].name,
+                                                   j[2]).is_file()]
+    log.info("%s: %d/%d images cached, %d to generate", method.name, len(jobs) - len(todo), len(jobs), len(todo))
+    if not todo:
+        return 0
+    method.load(folder)
+    for batch in tqdm(list(chunks(todo, batch_size)), desc=f"generate {method.name}", disable=None):
+        srcs, tgts = [test.sources[s] for s, _, _ in batch], [test.targets[t] for _, t, _ in batch]
+        images = method.generate(np.stack([s.arcface for s in srcs]), np.stack([t.exp for t in tgts]),
+                                 [s.image for s in srcs], [seed + k for _, _, k in batch])
+        for (s, t, k), image in zip(batch, images):
+            path = generation_path(folder, test.sources[s].name, test.targets[t].name, k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".partial.png")
+            Image.fromarray(image).save(tmp)
+            os.replace(tmp, path)
+    method.close()
+    return len(todo)
+
+
+Jobs = list[tuple[tuple[int, int, int], Path | None]]
+
+
+def image_paths(method: Method, test: EvalSet, samples: int, folder: Path) -> Jobs:
+    """Each (source, target, sample) with its image file (None where an external folder lacks it)."""
+    out: Jobs = []
+    for s, t, k in test.pairs(samples):
+        src, tgt = test.sources[s].name, test.targets[t].name
+        path = method.image_path(src, tgt, k) if isinstance(method, FolderMethod) else generation_path(folder, src, tgt, k)
+        out.append(((s, t, k), path))
+    return out
+
+
+def check_external(method: FolderMethod, jobs: Jobs) -> int:
+    """Count an external folder's missing images; a folder with none of them is a naming mistake, so fail."""
+    missing = sum(p is None for _, p in jobs)
+    if missing == len(jobs):
+        raise FileNotFoundError(f"{method.name}: none of the {len(jobs)} expected images is in {method.root}; name "
+                                f"them <source>/<target>_<k>.png with the names in sources.csv / targets.csv")
+    if missing:
+        log.warning("%s: %d of %d images missing in %s", method.name, missing, len(jobs), method.root)
+    return missing
+
+
+def score_images(name: str, jobs: Jobs, test: EvalSet,
+                 annotators: Annotators, extractor: torch.nn.Module, batch_size: int, device: str
+                 ) -> tuple[list[dict[str, Any]], np.ndarray, torch.Tensor]:
+    """Per-image rows, (N, 55) absolute FLAME errors and FID features of one method's images."""
+    rows, errors, feats = [], [], []
+    present = [(job, path) for job, path in jobs if path is not None]
+    for batch in tqdm(list(chunks(present, batch_size)), desc=f"score {name}", disable=None):
+        images = [load_image(path) for _, path in batch]
+        faces = annotators.read(images)
+        feats.append(image_features(extractor, images, device))
+        src = [test.sources[s] for (s, _, _), _ in batch]
+        tgt = np.stack([test.targets[t].exp for (_, t, _), _ in batch])
+        err = expression_errors(faces.exp, tgt)
+        values = {"id_sim": cosine_similarity(faces.arcface, np.stack([x.arcface for x in src])), **err}
+        if faces.facenet is not None:
+            values["id_sim_facenet"] = cosine_similarity(faces.facenet, np.stack([x.facenet for x in src]))
+        errors.append(err["abs"][faces.found])
+        for i, ((s, t, k), path) in enumerate(batch):
+            rows.append({"method": name, "source": test.sources[s].name, "target": test.targets[t].name, "sample": k,
+                         "path": str(path), "face": bool(faces.found[i]),
+                         **{m: float(values[m][i]) for m in PER_IMAGE_METRICS if m in values}})
+    return rows, np.concatenate(errors), torch.cat(feats)  # every method has images (check_external)
+
+
+def real_features(cfg: Mapping[str, Any], test: EvalSet, extractor: torch.nn.Module, batch_size: int,
+                  device: str) -> torch.Tensor:
+    """FID's real set: ``fid.real`` (a folder or shards) or, when null, the usable source faces."""
+    if cfg.get("real"):
+        images = [i.image for i in read_images(cfg["real"], "real", [], limit=cfg.get("real_limit"))]
+    else:
+        images = [s.image for s in test.sources]
+    return torch.cat([image_features(extractor, b, device) for b in chunks(images, batch_size)])
+
+
+def load_test_set(cfg: Mapping[str, Any], annotators: Annotators, batch: int, run_dir: Path,
+                  flame_targets: list[Target] | None) -> EvalSet:
+    """Sources and targets, with their names written to ``sources.csv`` / ``targets.csv`` (the naming scheme)."""
+    skipped: list[Skipped] = []
+    sources = load_sources(cfg["sources"], annotators, skipped, batch)
+    targets = flame_targets or load_targets(cfg["targets"], annotators, skipped, batch)
+    test = EvalSet(sources, targets, skipped)
+    pd.DataFrame([{"source": s.name, "origin": s.origin} for s in test.sources]).to_csv(run_dir / "sources.csv", index=False)
+    pd.DataFrame([{"target": t.name, "origin": t.origin} for t in test.targets]).to_csv(run_dir / "targets.csv", index=False)
+    return test
+
+
+def summarise(rows: list[dict[str, Any]], real: torch.Tensor, fake: torch.Tensor, fid: Mapping[str, Any],
+              seed: int) -> dict[str, Estimate]:
+    """Every metric of one method: per-image means with t intervals, FID/KID with bootstrap intervals."""
+    frame = pd.DataFrame(rows)
+    return {"no_face_rate": mean_ci(1.0 - frame["face"].to_numpy(float)),
+            **{k: mean_ci(frame[k].to_numpy(float)) for k in PER_IMAGE_METRICS if k in frame},
+            **set_metrics(real, fake, int(fid.get("bootstrap", 20)), int(fid.get("kid_subsets", 50)),
+                          int(fid.get("kid_subset_size", 1000)), seed)}
+
+
+def run_suite(cfg: Mapping[str, Any], run_dir: Path, device: str = "cpu", seed: int = 0) -> SuiteResult:
+    """Generate what is missing for every method, then score all images and summarise per method."""
+    for role in ("source", "target"):
+        check_input(cfg[f"{role}s"]["path"], role)
+    flame_targets = read_flame_targets(cfg["targets"])  # a bad FLAME file fails before any model loads
+    batch = int(cfg.get("batch_size", 16))
+    gen = dict(cfg["generation"])
+    samples, gen_batch = int(gen.pop("samples", 1)), int(gen.pop("batch_size", 8))
+    methods = [build_method(name, m, cfg["base"], gen, device, seed) for name, m in cfg["methods"].items()]
+    if not methods:
+        raise ValueError("eval.methods is empty; configure at least one (e.g. eval.methods.arc2face.kind=arc2face)")
+    folders = {m.name: run_dir / "generations" / m.name for m in methods}
+    for m in methods:
+        if isinstance(m, Arc2FaceMethod):
+            check_manifest(folders[m.name], m.settings())
+    annotators = build_annotators(cfg["annotators"], device)  # missing weights fail here, before any generation
+    extractor = build_feature_extractor(cfg["fid"])
+    test = load_test_set(cfg, annotators, batch, run_dir, flame_targets)
+    log.info("test set: %d sources x %d targets x %d samples (%d inputs skipped)", len(test.sources),
+             len(test.targets), samples, len(test.skipped))
+    jobs = {m.name: image_paths(m, test, samples, folders[m.name]) for m in methods}
+    missing = {m.name: check_external(m, jobs[m.name]) if isinstance(m, FolderMethod) else 0 for m in methods}
+    for m in methods:
+        if isinstance(m, Arc2FaceMethod):
+            generate_missing(m, test, folders[m.name], samples, gen_batch, seed)
+    real = real_features(cfg["fid"], test, extractor, batch, device)
+    rows: list[dict[str, Any]] = []
+    abs_errors, summary, counts = {}, {}, {}
+    for m in methods:
+        m_rows, abs_errors[m.name], fake = score_images(m.name, jobs[m.name], test, annotators, extractor, batch, device)
+        summary[m.name] = summarise(m_rows, real, fake, cfg["fid"], seed)
+        counts[m.name] = {"images": len(m_rows), "missing": missing[m.name]}
+        rows += m_rows
+    return SuiteResult(test, pd.DataFrame(rows), abs_errors, summary, counts)

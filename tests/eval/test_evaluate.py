@@ -1,0 +1,135 @@
+"""The evaluation command as users run it: outputs, cached re-runs, resumption, external baselines, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage.data import astronaut
+
+from blendexp.evaluate import evaluate
+from tests.conftest import run_cli
+from tests.eval.conftest import SHRINK, eval_config
+
+
+def _pngs(folder: Path) -> dict[Path, float]:
+    """Generated images and their modification times."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*.png")}
+
+
+@pytest.mark.slow
+def test_default_command_writes_report_and_reruns_from_cache(tmp_path: Path, tiny_base, tiny_annotators: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    common = [f"paths.tiny_base={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}", *SHRINK]
+    res = run_cli("blendexp.evaluate", f"paths.outputs={tmp_path}", "logger=wandb", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "evaluate" / "default"
+    results = pd.read_csv(run / "results.csv")
+    assert list(results["method"]) == ["arc2face", "expr_adapter", "expr_ref"]
+    assert (results["images"] == 3 * 3 * 2).all() and (results["id_sim"].between(-1, 1)).all()
+    assert {"exp_mae_low", "exp_mae_high", "exp_mae_eyelid", "exp_mae_jaw", "fid", "kid_high"} <= set(results)
+    table = (run / "results.md").read_text()
+    assert "| expr_ref | 18 |" in table and "ID sim (ArcFace) ↑" in table and str(run / "results.md") in res.stdout
+    assert Image.open(run / "expression_components.png").size[0] > 500
+    grid = Image.open(run / "grids" / "grid_000.png")
+    assert grid.size[0] == 2 + 5 * (64 + 2)  # source | target | three methods, 64 px cells
+    tables = list((run / "wandb").glob("offline-run-*/files/media/table/eval/results_*.table.json"))
+    assert tables and json.loads(tables[0].read_text())["data"][0][0] == "arc2face"
+    assert list((run / "wandb").glob("offline-run-*/files/media/images/eval/grids_*.png"))
+
+    # Same command again (in-process) after losing one image: only that image is generated, nothing else is touched.
+    before = _pngs(run / "generations")
+    lost = sorted(p for p in before if "arc2face" in str(p))[5]
+    original = np.asarray(Image.open(lost))
+    lost.unlink()
+    with caplog.at_level(logging.INFO, logger="blendexp.eval.suite"):
+        metrics = evaluate(eval_config(run, *common))
+    assert "arc2face: 17/18 images cached, 1 to generate" in caplog.text
+    assert "expr_adapter: 18/18 images cached, 0 to generate" in caplog.text
+    after = _pngs(run / "generations")
+    assert after.keys() == before.keys() and all(after[p] == t for p, t in before.items() if p != lost)
+    assert np.abs(np.asarray(Image.open(lost)).astype(int) - original).max() <= 1  # fixed seed, same image
+    assert metrics["expr_ref/id_sim"] == pytest.approx(results.set_index("method").loc["expr_ref", "id_sim"], abs=1e-3)
+    with pytest.raises(ValueError, match="generations/arc2face were made with other settings"):
+        evaluate(eval_config(run, *common, "eval.generation.steps=3"))
+
+
+def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny_base, tiny_annotators: Path) -> None:
+    sources, flame, external = tmp_path / "sources", tmp_path / "exp.npy", tmp_path / "external"
+    sources.mkdir()
+    face = np.asarray(Image.fromarray(astronaut()).resize((256, 256)))
+    Image.fromarray(face).save(sources / "astronaut.png")
+    Image.new("RGB", (256, 256), "gray").save(sources / "blank.png")
+    np.save(flame, np.stack([np.zeros(55), np.full(55, 0.1)]).astype(np.float32))
+    for target in ("exp-0", "exp-1"):  # the documented layout: <source>/<target>_<k>.png
+        (external / "astronaut").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(face).save(external / "astronaut" / f"{target}_0.png")
+    run = tmp_path / "run"
+    cfg = eval_config(run, f"paths.tiny_base={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}",
+                      *SHRINK, f"eval.sources.path={sources}", f"eval.targets.path={flame}",
+                      "eval.targets.offset=0", "eval.targets.limit=null",
+                      "eval.annotators.detector=mtcnn", "eval.generation.samples=1", "~eval.methods.expr_adapter",
+                      "~eval.methods.expr_ref", f"+eval.methods.copies={{kind: folder, path: {external}}}")
+    evaluate(cfg)
+    results = pd.read_csv(run / "results.csv").set_index("method")
+    assert results.loc["copies", "id_sim"] == pytest.approx(1.0, abs=1e-5)  # the source image itself
+    assert results.loc["copies", "id_sim_facenet"] == pytest.approx(1.0, abs=1e-5)
+    assert results.loc["copies", "no_face_rate"] == 0 and results.loc["copies", "images"] == 2
+    assert results.loc["arc2face", "no_face_rate"] == 1.0  # tiny-base noise has no face: reported, not a crash
+    assert np.isnan(results.loc["arc2face", "id_sim"])
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert skipped.to_dict("records") == [{"role": "source", "origin": str(sources / "blank.png"),
+                                           "reason": "no face detected"}]
+    assert str(sources / "blank.png") in (run / "results.md").read_text()
+
+
+def test_external_folder_without_the_expected_names_fails(tmp_path: Path, tiny_base, tiny_annotators: Path) -> None:
+    (tmp_path / "external" / "someone").mkdir(parents=True)
+    cfg = eval_config(tmp_path / "run", f"paths.tiny_base={tiny_base[0].parent}",
+                      f"eval.annotators.tiny_root={tiny_annotators}", *SHRINK, "eval.methods={}",
+                      f"+eval.methods.other={{kind: folder, path: {tmp_path / 'external'}}}", "eval.annotators.facenet=null")
+    with pytest.raises(FileNotFoundError, match="none of the 18 expected images"):
+        evaluate(cfg)
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("eval.fid.extractor=inception", "pytorch-fid/releases"),
+    ("eval.annotators.tiny_root=null", "FoivosPar/Arc2Face"),
+])
+def test_missing_weights_fail_before_generating(tmp_path: Path, tiny_base, tiny_annotators: Path, override: str,
+                                                hint: str) -> None:
+    models = tmp_path / "no-models"
+    cfg = eval_config(tmp_path / "run", f"paths.tiny_base={tiny_base[0].parent}",
+                      f"eval.annotators.tiny_root={tiny_annotators}", *SHRINK, override,
+                      f"eval.fid.inception_weights={models}/fid/pt_inception.pth",
+                      f"eval.annotators.arcface={models}/antelopev2/arcface.onnx")
+    with pytest.raises(FileNotFoundError, match=str(models)) as info:
+        evaluate(cfg)
+    assert hint in str(info.value)
+    assert not list((tmp_path / "run").rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_cli_names_a_flame_file_of_wrong_length(tmp_path: Path, tiny_base, tiny_annotators: Path) -> None:
+    bad = tmp_path / "targets" / "bad.npy"
+    bad.parent.mkdir()
+    np.save(bad, np.zeros(54, np.float32))
+    res = run_cli("blendexp.evaluate", f"paths.outputs={tmp_path}", f"paths.tiny_base={tiny_base[0].parent}",
+                  f"eval.annotators.tiny_root={tiny_annotators}", f"eval.targets.path={bad.parent}")
+    assert res.returncode == 1
+    assert f"error: FLAME vector in {bad} has 54 values; 55 values are expected" in res.stderr
+
+
+def test_official_preset_evaluates_the_released_checkpoints(tmp_path: Path) -> None:
+    cfg = eval_config(tmp_path, "eval=official", "paths.models=/weights/models")
+    methods = cfg.eval.methods
+    assert methods.expr_adapter.adapter == "/weights/models/exp_adapter"
+    assert methods.expr_ref.ref_adapter == "/weights/models/ref_adapter" and methods.arc2face.kind == "arc2face"
+    assert cfg.eval.annotators.arcface == "/weights/models/antelopev2/arcface.onnx"
+    assert cfg.eval.base.tiny_root is None and cfg.eval.annotators.tiny_root is None
+    assert cfg.eval.fid.extractor == "inception" and cfg.run_name == "official"

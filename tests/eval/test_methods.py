@@ -1,0 +1,72 @@
+"""The method registry: every accepted adapter form loads the same weights; bad method configs fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from blendexp.eval.methods import ExpressionAdapterMethod, FolderMethod, build_method, resolve_adapter
+from blendexp.models.expression_adapter import (
+    attach_expression_adapter,
+    expression_adapter_state_dict,
+    load_expression_adapter,
+    save_expression_adapter,
+)
+
+
+@pytest.fixture()
+def trained_unet(tiny_base) -> UNet2DConditionModel:
+    """The tiny base UNet with a (random, MLP) adapter standing in for a trained one."""
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(tiny_base[0], subfolder="arc2face")
+    attach_expression_adapter(unet, num_tokens=2, projection="mlp", mult=2)
+    return unet
+
+
+def _fresh(tiny_base) -> UNet2DConditionModel:
+    """A plain base UNet to load adapters into."""
+    return UNet2DConditionModel.from_pretrained(tiny_base[0], subfolder="arc2face")
+
+
+def test_lightning_checkpoint_run_folder_and_export_load_the_same_adapter(tmp_path: Path, tiny_base,
+                                                                          trained_unet: UNet2DConditionModel) -> None:
+    run = tmp_path / "run"
+    save_expression_adapter(trained_unet, run / "export")
+    trained = {n: p for n, p in trained_unet.named_parameters() if n.startswith("encoder_hid_proj") or "_ip." in n}
+    ckpt = run / "checkpoints" / "last.ckpt"  # what DiffusionModule keeps: only the trained weights, "unet." prefix
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {f"unet.{n}": p.detach() for n, p in trained.items()}, "global_step": 7}, ckpt)
+    expected = expression_adapter_state_dict(trained_unet)
+    for given in (run, run / "export", run / "export" / "exp_adapter.bin", ckpt):
+        path = resolve_adapter(str(given), _fresh(tiny_base), tmp_path / "work", seed=0)
+        unet = _fresh(tiny_base)
+        load_expression_adapter(unet, path)
+        got = expression_adapter_state_dict(unet)
+        for part in expected:
+            for key, value in expected[part].items():
+                torch.testing.assert_close(got[part][key], value, msg=f"{given}: {part}.{key}")
+
+
+def test_adapter_path_errors_name_the_path(tmp_path: Path, tiny_base) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        resolve_adapter(str(tmp_path / "nowhere"), _fresh(tiny_base), tmp_path, seed=0)
+    foreign = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"unet.conv_in.weight": torch.zeros(1)}}, foreign)
+    with pytest.raises(ValueError, match="holds no Expression Adapter weights"):
+        resolve_adapter(str(foreign), _fresh(tiny_base), tmp_path, seed=0)
+
+
+def test_registry_builds_methods_and_rejects_bad_configs(tmp_path: Path) -> None:
+    base = {"models": "m", "sd15": "s", "tiny_root": None}
+    gen = {"steps": 4, "guidance": 3.0, "size": 64, "dtype": "float32"}
+    method = build_method("mine", {"kind": "expr_adapter", "adapter": "x", "steps": 9}, base, gen)
+    assert isinstance(method, ExpressionAdapterMethod)
+    assert method.settings()["steps"] == 9 and method.settings()["adapter"] == "x"  # per-method override
+    assert isinstance(build_method("other", {"kind": "folder", "path": str(tmp_path)}, base, gen), FolderMethod)
+    with pytest.raises(ValueError, match="unknown kind 'nope'"):
+        build_method("x", {"kind": "nope"}, base, gen)
+    with pytest.raises(FileNotFoundError, match="eval.methods.other.path"):
+        build_method("other", {"kind": "folder", "path": str(tmp_path / "missing")}, base, gen)
