@@ -174,10 +174,14 @@ class Arc2FaceMethod:
         prompt = id_prompt_embeds(pipe.text_encoder, pipe.tokenizer, torch.from_numpy(id_emb).to(self.device))
         refs = torch.stack([torch.from_numpy(np.array(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC)))
                             for s in sources]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        out = self.call(prompt.to(dtype), torch.from_numpy(exp).to(self.device, dtype), refs.to(self.device, dtype),
-                        num_inference_steps=self.gen.steps, guidance_scale=self.gen.guidance, height=size, width=size,
-                        generator=[torch.Generator(self.device).manual_seed(s) for s in seeds], output_type="np")
-        return list((out.images * 255).round().astype(np.uint8))
+        exp_t = torch.from_numpy(exp).to(self.device, dtype)
+        images = []
+        for i, seed in enumerate(seeds):  # one call per row: diffusers shares precomputed IP embeds across a batch
+            out = self.call(prompt[i:i + 1].to(dtype), exp_t[i:i + 1], refs[i:i + 1].to(self.device, dtype),
+                            num_inference_steps=self.gen.steps, guidance_scale=self.gen.guidance, height=size,
+                            width=size, generator=torch.Generator(self.device).manual_seed(seed), output_type="np")
+            images.append((out.images[0] * 255).round().astype(np.uint8))
+        return images
 
     def close(self) -> None:
         """Free the models before the next method loads its own."""

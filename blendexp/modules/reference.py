@@ -121,11 +121,14 @@ class ReferenceAdapterModule(DiffusionModule):
         pipe.set_progress_bar_config(disable=True)
         was_training = self.training
         self.eval()
-        out = generate_with_reference(
-            pipe, self.ref_unet, None if reference is None else reference.to(self.device, self.dtype),
-            self.id_embeds(id_emb.to(self.device, self.dtype)), lora_scale=None, num_inference_steps=steps,
-            guidance_scale=guidance, ip_adapter_image_embeds=expression_embeds(exp.to(self.device, self.dtype), guidance > 1),
-            height=size, width=size, generator=[torch.Generator(self.device).manual_seed(s) for s in seeds],
-            output_type="np")
+        prompts, exp = self.id_embeds(id_emb.to(self.device, self.dtype)), exp.to(self.device, self.dtype)
+        images = []
+        for i, seed in enumerate(seeds):  # one call per row: diffusers shares precomputed IP embeds across a batch
+            ref = None if reference is None else reference[i:i + 1].to(self.device, self.dtype)
+            out = generate_with_reference(
+                pipe, self.ref_unet, ref, prompts[i:i + 1], lora_scale=None, num_inference_steps=steps,
+                guidance_scale=guidance, ip_adapter_image_embeds=expression_embeds(exp[i:i + 1], guidance > 1),
+                height=size, width=size, generator=torch.Generator(self.device).manual_seed(seed), output_type="np")
+            images.append((out.images[0] * 255).round().astype(np.uint8))
         self.train(was_training)
-        return list((out.images * 255).round().astype(np.uint8))
+        return images

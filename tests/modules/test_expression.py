@@ -68,3 +68,17 @@ def test_fine_tunes_an_existing_adapter(tiny_base, tmp_path: Path) -> None:
     assert second.trainable_names() == first.trainable_names()
     for name in first.trainable_names():
         torch.testing.assert_close(second.state_dict()[name], first.state_dict()[name])
+
+
+def test_sample_rows_follow_their_own_expression(tiny_base) -> None:
+    # diffusers treats precomputed IP embeds as shared by a batch; each grid row must still get its own expression
+    module = make(tiny_base)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.3)
+    ids, exps = torch.randn(1, 512).repeat(2, 1), torch.zeros(2, 55)
+    exps[1, :8] = 3.0
+    both = module.sample_images(ids, exps, seeds=[0, 0], steps=2)
+    alone = module.sample_images(ids[1:], exps[1:], seeds=[0], steps=2)
+    assert (both[0] != both[1]).any()
+    assert (both[1] == alone[0]).all()
