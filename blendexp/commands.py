@@ -1,0 +1,84 @@
+"""What the generation commands (``generate``, ``controllability``, ``demo``) share: input checks that run before any
+model loads, the pipeline and identity built from the config, the sampling settings, and user errors as one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
+from blendexp.expressions import NamedExpression, apply_edits, parse_expression
+from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+
+log = logging.getLogger(__name__)
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
+
+
+def container(node: Any) -> Any:
+    """Plain Python values of a config node (lists and dicts resolved), anything else unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _placeholder(path: Path) -> np.ndarray:
+    """Stands in for a driving image's SMIRK vector while inputs are checked (parse_expression saw the file)."""
+    return np.zeros(EXP_DIM, dtype=np.float32)
+
+
+def check_expressions(spec: Any, edits: Any) -> list[NamedExpression]:
+    """Presets, FLAME files and edits resolved without SMIRK (driving images count as neutral here)."""
+    return [(name, apply_edits(exp, container(edits))) for name, exp in parse_expression(container(spec), _placeholder)]
+
+
+def check_identity(cfg: DictConfig) -> None:
+    """A missing identity file, a wrong-length embedding or a reference without a photo fails before models load."""
+    identity = Path(str(cfg.identity)).expanduser()
+    if identity.suffix == ".npy" and identity.is_file():
+        check_vector(np.load(identity, allow_pickle=False), ID_DIM, "identity embedding", str(identity))
+    elif not identity.exists() and not any(c in str(cfg.identity) for c in "{*"):
+        raise FileNotFoundError(f"identity not found: {identity} (give a face photo, an embedding .npy or shards)")
+    if cfg.reference and cfg.reference_image is None and identity.suffix == ".npy":
+        raise ValueError("reference=true needs a face photo: give identity=<photo> or reference_image=<photo>")
+    if cfg.reference_image is not None and not cfg.reference:
+        raise ValueError("reference_image is set but the Reference Adapter is off; add reference=true")
+
+
+def load_session(cfg: DictConfig) -> tuple[ExpressionPipeline, FaceIdentity, np.ndarray | None]:
+    """The configured pipeline, the identity and, with the Reference Adapter on, the aligned reference face."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    pipe: ExpressionPipeline = instantiate(cfg.pipeline)
+    face = pipe.load_identity(str(cfg.identity))
+    reference = None
+    if cfg.reference:
+        reference = face.image if cfg.reference_image is None else pipe.identity_from_image(str(cfg.reference_image)).image
+    return pipe, face, reference
+
+
+def sampling(cfg: DictConfig) -> dict[str, Any]:
+    """The ``ExpressionPipeline.__call__`` settings every command takes from the config."""
+    return dict(seed=int(cfg.seed), steps=int(cfg.steps), guidance=float(cfg.guidance), size=cfg.size,
+                expression_scale=float(cfg.expression_scale), reference_scale=float(cfg.reference_scale),
+                batch_size=int(cfg.batch_size))
+
+
+def user_error(err: BaseException) -> str:
+    """The one line a user sees (a KeyError's message without the quotes ``str`` adds)."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def run_command(command: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
+    """Run a command; a user error becomes one clear line on stderr and exit status 1 instead of a traceback."""
+    try:
+        command(cfg)
+    except USER_ERRORS as err:
+        log.error("%s: %s", type(err).__name__, user_error(err))
+        print(f"error: {user_error(err)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,126 @@
+"""Gradio demo: ``python -m blendexp.demo [server.port=7860] [overrides]`` (needs the ``demo`` extra, i.e. gradio).
+
+One page over ``ExpressionPipeline``: an identity photo, an expression from a driving image or from a preset and
+sliders for the main blendshapes, the Reference Adapter toggle, the adapter scales and the sampling settings. The
+endpoint ``/generate`` is also what ``gradio_client`` scripts (and the tests) call.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.commands import USER_ERRORS, check_identity, load_session, run_command, user_error
+from blendexp.data.format import component_index
+from blendexp.expressions import component_label, component_range, describe, load_presets, main_components, preset
+from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' prompt-embedding and deprecation notices
+SLIDER_STEPS = 100  # slider resolution: a hundredth of each component's range
+
+
+class DemoApp:
+    """The callbacks behind the page, holding the pipeline and the fallback identity."""
+
+    def __init__(self, pipe: ExpressionPipeline, face: FaceIdentity, cfg: DictConfig) -> None:
+        """Keep the loaded pipeline, the configured identity (used when no photo is given) and the defaults."""
+        self.pipe, self.face, self.cfg = pipe, face, cfg
+        self.components = main_components()
+
+    def slider_values(self, name: str) -> list[float]:
+        """A preset's values of the slider components (choosing a preset moves the sliders)."""
+        exp = preset(name)
+        return [float(exp[component_index(c)]) for c in self.components]
+
+    def expression(self, driving: np.ndarray | None, preset_name: str, values: tuple[float, ...]) -> np.ndarray:
+        """The driving image's SMIRK vector if one is given, else the preset with the sliders' values."""
+        if driving is not None:
+            return self.pipe.expression_from_image(driving)
+        exp = preset(preset_name)
+        exp[[component_index(c) for c in self.components]] = values
+        return exp
+
+    def generate(self, identity: np.ndarray | None, driving: np.ndarray | None, use_reference: bool,
+                 expression_scale: float, reference_scale: float, seed: float, samples: float, steps: float,
+                 guidance: float, preset_name: str, *values: float) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Images for the page's settings and the non-zero components of the FLAME vector used."""
+        import gradio as gr
+
+        try:
+            face = self.face if identity is None else self.pipe.identity_from_image(identity)
+            exp = self.expression(driving, preset_name, values)
+            if use_reference and face.image is None:
+                raise ValueError("the Reference Adapter needs an identity photo")
+            images = self.pipe(face, exp, face.image if use_reference else None, num_images=int(samples),
+                               seed=int(seed), steps=int(steps), guidance=float(guidance), size=self.cfg.size,
+                               expression_scale=float(expression_scale), reference_scale=float(reference_scale),
+                               batch_size=int(self.cfg.batch_size))
+        except USER_ERRORS as err:
+            raise gr.Error(user_error(err)) from err
+        return list(images), describe(exp)
+
+    def build(self) -> Any:
+        """The Blocks page; ``/generate`` takes the inputs in the order listed under "Use via API"."""
+        import gradio as gr
+
+        cfg = self.cfg
+        with gr.Blocks(title="blendexp: blendshape-guided faces", analytics_enabled=False) as page:
+            gr.Markdown("## blendexp — identity × FLAME expression\nGive an identity photo (empty: the configured "
+                        f"identity, {self.face.origin}) and an expression: a driving image (read with SMIRK; it "
+                        "overrides the sliders) or a preset fine-tuned with the sliders.")
+            with gr.Row():
+                with gr.Column():
+                    identity = gr.Image(label="identity photo", type="numpy")
+                    driving = gr.Image(label="driving image (optional)", type="numpy")
+                    presets = gr.Dropdown(choices=list(load_presets()), value="neutral", label="preset")
+                    sliders = [gr.Slider(*component_range(c), value=0.0, label=component_label(c),
+                                         step=(component_range(c)[1] - component_range(c)[0]) / SLIDER_STEPS)
+                               for c in self.components]
+                with gr.Column():
+                    reference = gr.Checkbox(value=False, label="Reference Adapter (the identity photo as reference)",
+                                            interactive=self.pipe.ref_unet is not None)
+                    expression_scale = gr.Slider(0.0, 2.0, value=float(cfg.expression_scale), label="expression scale")
+                    reference_scale = gr.Slider(0.0, 1.5, value=float(cfg.reference_scale), label="reference scale")
+                    seed = gr.Number(value=int(cfg.seed), precision=0, label="seed")
+                    samples = gr.Slider(1, 8, value=int(cfg.samples), step=1, label="samples")
+                    steps = gr.Slider(1, 100, value=int(cfg.steps), step=1, label="steps")
+                    guidance = gr.Slider(1.0, 10.0, value=float(cfg.guidance), step=0.1, label="guidance")
+                    button = gr.Button("Generate", variant="primary")
+                    gallery = gr.Gallery(label="generated", columns=4, format="png")
+                    used = gr.JSON(label="FLAME vector used (non-zero components)")
+            presets.change(self.slider_values, presets, sliders, api_name=False)
+            button.click(self.generate, [identity, driving, reference, expression_scale, reference_scale, seed,
+                                         samples, steps, guidance, presets, *sliders], [gallery, used],
+                         api_name="generate")
+        return page
+
+
+def serve(cfg: DictConfig) -> None:
+    """Load the pipeline, build the page and serve it until interrupted."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError as err:
+        raise ValueError("the demo needs gradio: install the demo extra (uv run --extra demo ...)") from err
+    check_identity(cfg)
+    pipe, face, _ = load_session(cfg)
+    page = DemoApp(pipe, face, cfg).build()
+    log.info("serving the demo on http://%s:%d", cfg.server.host, cfg.server.port)
+    page.queue().launch(server_name=str(cfg.server.host), server_port=int(cfg.server.port),
+                        share=bool(cfg.server.share), show_error=True, ssr_mode=False)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
+    run_command(serve, cfg)
+
+
+if __name__ == "__main__":
+    main()

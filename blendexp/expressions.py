@@ -1,0 +1,155 @@
+"""Expressions as 55-d FLAME vectors: named presets, per-component edits, keyframe interpolation, and parsing what a
+user typed (a preset name, a FLAME ``.npy``/``.json`` file, a driving image) into vectors — without loading a model.
+
+Presets live in ``blendexp/presets.yaml`` (one file; its header says how the values relate to the toy world and to
+real SMIRK/FLAME). Edits name components as ``blendexp/data/format.py`` does: ``exp.3``, ``eyelid.1``, ``jaw.0``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from blendexp.data.format import COMPONENT_NAMES, EXP_DIM, check_vector, component_index
+from blendexp.eval.inputs import FLAME_EXTS, IMAGE_EXTS, read_flame_file, safe_name
+from blendexp.toyworld.params import MAPPED_COMPONENTS
+
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+EASINGS = ("linear", "smooth")
+# Sweep range of components the toy world does not draw (FLAME expression coefficients are roughly unit-variance).
+UNMAPPED_RANGE = (-3.0, 3.0)
+
+NamedExpression = tuple[str, np.ndarray]  # (file-system-safe name, (55,) float32)
+
+
+def sparse_vector(values: Mapping[str, Any], origin: str) -> np.ndarray:
+    """A (55,) vector from ``{component: value}`` (others 0), naming ``origin`` when a component is unknown."""
+    out = np.zeros(EXP_DIM, dtype=np.float32)
+    for name, value in flatten_components(values).items():
+        try:
+            out[component_index(name)] = float(value)
+        except KeyError as err:
+            raise ValueError(f"{origin}: {err.args[0]}") from None
+    return out
+
+
+def flatten_components(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"jaw": {"0": 0.3}}`` → ``{"jaw.0": 0.3}``, so ``+edits.jaw.0=0.3`` and ``edits={jaw.0: 0.3}`` mean the same."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_components(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> dict[str, np.ndarray]:
+    """Parse and validate a presets file once per process."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    presets = data.get("presets")
+    if not isinstance(presets, Mapping):
+        raise ValueError(f"{path} has no 'presets:' mapping of name -> {{component: value}}")
+    return {str(name): sparse_vector(values or {}, f"{path}: preset {name!r}") for name, values in presets.items()}
+
+
+def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, np.ndarray]:
+    """Every preset of a presets file as (55,) vectors (copies, so callers may edit them)."""
+    return {name: vec.copy() for name, vec in _load(str(path)).items()}
+
+
+def preset(name: str, path: str | Path = PRESETS_FILE) -> np.ndarray:
+    """One named expression; an unknown name fails listing every preset."""
+    presets = _load(str(path))
+    if name not in presets:
+        raise ValueError(f"unknown expression preset {name!r}; presets: {', '.join(presets)} "
+                         f"(or give a driving image or a FLAME .npy/.json file)")
+    return presets[name].copy()
+
+
+def apply_edits(exp: np.ndarray, edits: Mapping[str, Any] | None) -> np.ndarray:
+    """Set single components on top of an expression, e.g. ``{"jaw.0": 0.3}`` opens the mouth further."""
+    out = check_vector(exp, EXP_DIM, "FLAME vector").copy()
+    for name, value in flatten_components(edits or {}).items():
+        try:
+            out[component_index(name)] = float(value)
+        except KeyError as err:
+            raise ValueError(f"edits: {err.args[0]}") from None
+    return out
+
+
+def component_range(name: str) -> tuple[float, float]:
+    """Where a component lives: the toy world's range for the components it draws (SMIRK's), else ±3."""
+    index = component_index(name)
+    info = MAPPED_COMPONENTS.get(index)
+    return (info.low, info.high) if info else UNMAPPED_RANGE
+
+
+def component_label(name: str) -> str:
+    """``exp.0 (toy: smile_left)``: the FLAME index and, where the toy world draws it, what it does there."""
+    info = MAPPED_COMPONENTS.get(component_index(name))
+    return f"{name} (toy: {info.name})" if info else name
+
+
+def main_components() -> list[str]:
+    """The components the embedded default can show (the demo's sliders), in FLAME order."""
+    return [COMPONENT_NAMES[i] for i in sorted(MAPPED_COMPONENTS)]
+
+
+def interpolate(keyframes: np.ndarray | Sequence[np.ndarray], frames: int, ease: str = "linear") -> np.ndarray:
+    """(frames, 55) expressions passing through every keyframe (K, 55), first and last included.
+
+    ``smooth`` eases in and out of each keyframe (smoothstep), so a transition pauses on each key expression.
+    """
+    keys = np.stack([check_vector(k, EXP_DIM, f"keyframe {i}") for i, k in enumerate(keyframes)])
+    if len(keys) < 2 or frames < len(keys):
+        raise ValueError(f"a transition needs at least 2 keyframes and as many frames; got {len(keys)} keyframes, "
+                         f"{frames} frames")
+    if ease not in EASINGS:
+        raise ValueError(f"unknown easing {ease!r}; choose one of {EASINGS}")
+    pos = np.linspace(0.0, len(keys) - 1, frames)
+    seg = np.minimum(pos.astype(int), len(keys) - 2)
+    u = (pos - seg)[:, None]
+    if ease == "smooth":
+        u = u * u * (3.0 - 2.0 * u)
+    return ((1.0 - u) * keys[seg] + u * keys[seg + 1]).astype(np.float32)
+
+
+def parse_expression(spec: Any, from_image: Callable[[Path], np.ndarray] | None = None) -> list[NamedExpression]:
+    """What a user gave as an expression → named (55,) vectors.
+
+    ``spec``: a preset name; a FLAME ``.npy``/``.json`` file (one vector, or several: one entry each); a driving image
+    (read with ``from_image``, i.e. SMIRK); 55 numbers; or a list of any of these.
+    """
+    if isinstance(spec, np.ndarray) or (isinstance(spec, Sequence) and not isinstance(spec, str) and spec
+                                        and all(isinstance(v, (int, float)) for v in spec)):
+        return [("custom", check_vector(spec, EXP_DIM, "FLAME vector"))]
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        return [named for item in spec for named in parse_expression(item, from_image)]
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.suffix.lower() in FLAME_EXTS:
+        if not path.is_file():
+            raise FileNotFoundError(f"FLAME file not found: {path}")
+        return [(t.name, t.exp) for t in read_flame_file(path)]
+    if path.suffix.lower() in IMAGE_EXTS:
+        if not path.is_file():
+            raise FileNotFoundError(f"driving image not found: {path}")
+        if from_image is None:
+            raise ValueError(f"{path} is a driving image; reading its expression needs SMIRK (use ExpressionPipeline)")
+        return [(safe_name(path.stem), from_image(path))]
+    if any(sep in text for sep in "/\\") or path.exists():
+        raise ValueError(f"{text}: not a FLAME file ({', '.join(FLAME_EXTS)}) or an image ({', '.join(IMAGE_EXTS)})")
+    return [(safe_name(text), preset(text))]
+
+
+def describe(exp: np.ndarray, tol: float = 1e-6) -> dict[str, float]:
+    """The non-zero components of a vector by name (what settings.json records, readable and re-usable as edits)."""
+    return {COMPONENT_NAMES[i]: round(float(v), 6) for i, v in enumerate(exp) if abs(v) > tol}
+

@@ -1,0 +1,323 @@
+"""``ExpressionPipeline``: Arc2Face + Expression Adapter (+ Reference Adapter) behind one object, used by the
+generate CLI, the demo, the controllability sweep and the notebooks.
+
+It holds a plain diffusers ``StableDiffusionPipeline`` (``.pipe``) with the Expression Adapter attached by diffusers'
+own ``load_ip_adapter`` and, when asked for, the Reference Adapter's LoRA ``ref`` (``load_lora_weights``) plus its
+reference UNet; schedulers, ``set_ip_adapter_scale``, offloading and the like work on ``.pipe`` directly. The
+annotators (face detector, ArcFace, SMIRK) are built on first use, so generating from embeddings and FLAME vectors
+never loads them. Row ``e * num_images + k`` of a call shows expression ``e`` with seed ``seed + k``: every
+expression starts from the same noise, so grids compare like with like and transitions stay temporally consistent.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
+from blendexp.eval.annotators import Annotators, build_annotators
+from blendexp.eval.inputs import is_shards, load_image, read_images
+from blendexp.eval.methods import DTYPES, resolve_adapter
+from blendexp.expressions import NamedExpression, interpolate, parse_expression
+from blendexp.faces.align import align_ffhq, arcface_crop
+from blendexp.faces.detect import ensure_rgb
+from blendexp.models.arc2face import SD15_HUB_ID, Arc2FaceBase, id_prompt_embeds
+from blendexp.models.expression_adapter import WEIGHT_NAME, expression_embeds
+from blendexp.models.reference_adapter import (
+    ADAPTER_NAME,
+    DEMO_LORA_SCALE,
+    LORA_WEIGHT_NAME,
+    add_reference_lora,
+    add_reference_reader,
+    generate_with_reference,
+    reference_unet,
+    save_reference_lora,
+)
+from blendexp.models.tiny import ensure_tiny_base
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
+              "unipc": "UniPCMultistepScheduler"}
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
+    """A scheduler by short name (``dpm``, the official demo's, ``ddim``, ``euler``, ...) or diffusers class name."""
+    cls = getattr(diffusers, SCHEDULERS.get(name, name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} or a diffusers "
+                         f"scheduler class name")
+    return cls.from_config(config)
+
+
+def official_annotators(models_dir: str | Path) -> dict[str, Any]:
+    """Annotator settings for the official layout: SCRFD (else MTCNN), ArcFace ONNX and SMIRK under ``models_dir``."""
+    models = Path(models_dir)
+    return {"detector": "auto", "detector_dir": str(models / "antelopev2"),
+            "arcface": str(models / "antelopev2" / "arcface.onnx"), "smirk": str(models / "smirk" / "SMIRK_em1.pt")}
+
+
+def build_face_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
+    """The evaluation's annotators without its second recogniser; ``tiny_root`` writes tiny random ones once."""
+    from blendexp.data.build import ensure_tiny_annotators  # only the ArcFace/SMIRK pair: no 100 MB facenet
+
+    cfg = dict(cfg)
+    if cfg.get("tiny_root"):
+        arcface, smirk = ensure_tiny_annotators(cfg["tiny_root"])
+        cfg.update(arcface=str(arcface), smirk=str(smirk))
+    return build_annotators({**cfg, "tiny_root": None, "facenet": None}, device)
+
+
+def _reference_lora(spec: Any, models_dir: Path, unet: UNet2DConditionModel, workdir: Path,
+                    seed: int) -> tuple[Path | None, str | None]:
+    """(LoRA file or folder, label): None/False is off; True is ``<models>/ref_adapter`` or an untrained LoRA."""
+    if spec is None or spec is False:
+        return None, None
+    if spec is True:
+        official = models_dir / "ref_adapter" / LORA_WEIGHT_NAME
+        if official.is_file():
+            return official, str(official)
+        log.warning("no Reference Adapter in %s: using an untrained LoRA — a plumbing check, not a result",
+                    official.parent)
+        scratch = copy.deepcopy(unet)
+        torch.manual_seed(seed)
+        add_reference_lora(scratch)
+        return save_reference_lora(scratch, workdir / "untrained_ref_adapter"), f"untrained (seed {seed})"
+    path = Path(spec)
+    if (path / "export" / LORA_WEIGHT_NAME).is_file():  # a training run folder
+        path = path / "export"
+    if not (path.is_file() or (path / LORA_WEIGHT_NAME).is_file()):
+        raise FileNotFoundError(f"reference adapter not found at {path}; give a {LORA_WEIGHT_NAME} file, a folder "
+                                f"holding one (e.g. <models>/ref_adapter) or a ref_adapter training run folder")
+    return path, str(path)
+
+
+def _expression_adapter(spec: Any, models_dir: Path, ref: Path | None, unet: UNet2DConditionModel, workdir: Path,
+                        seed: int) -> tuple[Path, str]:
+    """(adapter path, label): the given one, else the one trained with the LoRA, ``<models>/exp_adapter``, or a
+    fresh untrained adapter (seeded) — the embedded default."""
+    if spec is not None:
+        path = resolve_adapter(str(spec), unet, workdir, seed)
+        return path, str(spec)
+    for folder in ([ref if ref.is_dir() else ref.parent] if ref else []) + [models_dir / "exp_adapter"]:
+        try:
+            path = resolve_adapter(str(folder), unet, workdir, seed)
+        except FileNotFoundError:
+            continue
+        return path, str(path)
+    return resolve_adapter(None, unet, workdir, seed), f"untrained (seed {seed})"
+
+
+def load_ip_adapter(pipe: StableDiffusionPipeline, path: Path) -> None:
+    """Attach an Expression Adapter file (or a folder holding ``exp_adapter.*``) with diffusers' own loader."""
+    if path.is_dir():
+        path = next(path / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin")
+                    if (path / f"{WEIGHT_NAME}.{ext}").is_file())
+    pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    """``range(n)`` in consecutive pieces of at most ``size`` (images per pipeline call)."""
+    return [range(start, min(start + size, n)) for start in range(0, n, max(size, 1))]
+
+
+@dataclass
+class FaceIdentity:
+    """Who to generate: the ArcFace embedding for the ID tokens and, from a photo, the aligned face (the reference)."""
+
+    embedding: np.ndarray  # (512,) unit vector
+    image: np.ndarray | None  # (S, S, 3) uint8 FFHQ-aligned face; None for an embedding file
+    origin: str
+
+
+class ExpressionPipeline:
+    """Identity (ArcFace) × expression (FLAME) → face images, optionally conditioned on a reference photo."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, ref_unet: UNet2DConditionModel | None = None,
+                 annotators: Mapping[str, Any] | None = None, sources: Mapping[str, str | None] | None = None) -> None:
+        """Wrap a pipeline whose UNet carries the Expression Adapter (and the ``ref`` LoRA when ``ref_unet`` is set)."""
+        self.pipe, self.ref_unet = pipe, ref_unet
+        self.annotator_cfg = dict(annotators or {})
+        self.sources = dict(sources or {})
+        self._annotators: Annotators | None = None
+
+    @classmethod
+    def from_pretrained(cls, models_dir: str | Path, sd15: str | Path = SD15_HUB_ID,
+                        expression_adapter: str | Path | None = None, reference_adapter: str | Path | bool | None = None,
+                        *, tiny_root: str | Path | None = None, scheduler: str = "dpm",
+                        annotators: Mapping[str, Any] | None = None, dtype: str | torch.dtype = "float32",
+                        device: str = "cpu", seed: int = 0) -> "ExpressionPipeline":
+        """Load the base in the official layout and attach the adapters.
+
+        ``expression_adapter``: an ``exp_adapter`` file or folder, training run folder or ``.ckpt``; None takes the one
+        trained with the reference LoRA, else ``<models>/exp_adapter``, else a fresh untrained one (seeded).
+        ``reference_adapter``: None/False off; True ``<models>/ref_adapter`` (else an untrained LoRA); or a path.
+        ``tiny_root``: write the tiny random base there on first use and load it (the embedded default).
+        ``annotators``: ``build_annotators`` settings (``tiny_root``, ``detector``, ``arcface``, ``smirk``, ...);
+        None uses the official layout under ``models_dir``.
+        """
+        if tiny_root:
+            models_dir, sd15 = ensure_tiny_base(tiny_root)
+        models = Path(models_dir)
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        base = Arc2FaceBase.from_pretrained(str(models_dir), str(sd15), dtype=torch_dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            ref, ref_label = _reference_lora(reference_adapter, models, base.unet, Path(tmp), seed)
+            ref_unet = reference_unet(base.unet) if ref else None  # a copy of the plain base, before any adapter
+            exp, exp_label = _expression_adapter(expression_adapter, models, ref, base.unet, Path(tmp), seed)
+            pipe = base.pipeline(make_scheduler(scheduler, base.scheduler.config))
+            load_ip_adapter(pipe, exp)
+            if ref is not None:
+                pipe.load_lora_weights(str(ref), adapter_name=ADAPTER_NAME)
+                add_reference_reader(pipe.unet)  # after load_ip_adapter, which resets every processor
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if ref_unet is not None:
+            ref_unet.to(device)
+        sources = {"models": str(models_dir), "sd15": str(sd15), "expression_adapter": exp_label,
+                   "reference_adapter": ref_label, "scheduler": type(pipe.scheduler).__name__}
+        return cls(pipe, ref_unet, annotators if annotators is not None else official_annotators(models), sources)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet runs (generators and inputs are created there)."""
+        return self.pipe.unet.device
+
+    @property
+    def native_size(self) -> int:
+        """The image size the base was trained at (512 for Arc2Face, 64 for the tiny base)."""
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    @property
+    def annotators(self) -> Annotators:
+        """Detector, ArcFace and SMIRK, built on first use from ``annotator_cfg``."""
+        if self._annotators is None:
+            self._annotators = build_face_annotators(self.annotator_cfg, str(self.device))
+        return self._annotators
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap the sampler (same weights), e.g. ``ddim`` for deterministic inversions or ``euler_a`` for variety."""
+        self.pipe.scheduler = make_scheduler(name, self.pipe.scheduler.config)
+        self.sources["scheduler"] = type(self.pipe.scheduler).__name__
+
+    def _face(self, image: np.ndarray | str | Path) -> tuple[np.ndarray, Any, str]:
+        """(RGB image, largest face, origin); no face fails naming the file."""
+        origin = str(image) if isinstance(image, (str, Path)) else "the given image"
+        img = load_image(image) if isinstance(image, (str, Path)) else ensure_rgb(image)
+        face = self.annotators.find_faces([img])[0]
+        if face is None:
+            raise ValueError(f"no face found in {origin}; give a photo with one clearly visible face "
+                             f"(detector: {self.annotator_cfg.get('detector', 'auto')})")
+        return img, face, origin
+
+    def identity_from_image(self, image: np.ndarray | str | Path, size: int | None = None) -> FaceIdentity:
+        """Detect the largest face, embed its ArcFace crop and keep its FFHQ alignment (the Reference Adapter's input)."""
+        img, face, origin = self._face(image)
+        embedding = self.annotators.arcface.embed(arcface_crop(img, face.landmarks5)[None])[0]
+        return FaceIdentity(embedding, align_ffhq(img, face.landmarks5, size or self.native_size), origin)
+
+    def expression_from_image(self, image: np.ndarray | str | Path) -> np.ndarray:
+        """The (55,) FLAME vector SMIRK reads off the largest face of a driving image."""
+        img, face, _ = self._face(image)
+        return self.annotators.smirk.annotate([img], [face])[0]
+
+    def measure_expressions(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 55) SMIRK re-extraction of generated images, NaN rows where no face is found (controllability)."""
+        faces = self.annotators.find_faces(images)
+        found = self.annotators.smirk.annotate(images, faces)
+        return np.stack([np.full(EXP_DIM, np.nan, np.float32) if v is None else v for v in found])
+
+    def load_identity(self, source: FaceIdentity | np.ndarray | str | Path) -> FaceIdentity:
+        """An identity from a face photo, an embedding ``.npy`` (512 values), or shards (their first face)."""
+        if isinstance(source, FaceIdentity):
+            return source
+        if isinstance(source, np.ndarray):
+            return self.identity_from_image(source)
+        path = Path(source).expanduser()
+        if path.suffix == ".npy":
+            if not path.is_file():
+                raise FileNotFoundError(f"identity embedding not found: {path}")
+            return FaceIdentity(check_vector(np.load(path, allow_pickle=False), ID_DIM, "identity embedding",
+                                             str(path)), None, str(path))
+        if is_shards(source):
+            items = read_images(str(source), "identity", [], limit=1)
+            if not items:
+                raise ValueError(f"no readable face in the shards {source}")
+            found = self.identity_from_image(items[0].image)
+            return FaceIdentity(found.embedding, found.image, items[0].origin)
+        if not path.is_file():
+            raise FileNotFoundError(f"identity image not found: {path}")
+        return self.identity_from_image(path)
+
+    def load_expressions(self, spec: Any) -> list[NamedExpression]:
+        """Named (55,) vectors from presets, FLAME files, driving images (SMIRK) or numbers (see ``parse_expression``)."""
+        return parse_expression(spec, self.expression_from_image)
+
+    def encode_identity(self, id_emb: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Arc2Face prompt embeddings (1, 77, D) of one ArcFace embedding (512,)."""
+        emb = torch.as_tensor(check_vector(np.asarray(id_emb, np.float32), ID_DIM, "identity embedding"))
+        return id_prompt_embeds(self.pipe.text_encoder, self.pipe.tokenizer, emb[None].to(self.pipe.text_encoder.device))
+
+    def _reference_pixels(self, reference: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
+        """(1, 3, size, size) in [-1, 1] from an aligned uint8 face, as the reference UNet's VAE expects."""
+        img = ensure_rgb(reference)
+        if img.shape[:2] != (size, size):
+            img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+        pixels = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        return pixels.to(device, self.pipe.unet.dtype)
+
+    @torch.no_grad()
+    def __call__(self, id_emb: np.ndarray | FaceIdentity, exp: np.ndarray | Sequence[np.ndarray],
+                 reference: np.ndarray | None = None, *, num_images: int = 1, seed: int = 0, steps: int = 25,
+                 guidance: float = 3.0, size: int | None = None, expression_scale: float = 1.0,
+                 reference_scale: float = DEMO_LORA_SCALE, batch_size: int = 8) -> np.ndarray:
+        """(E * num_images, S, S, 3) uint8 faces of one identity for E expressions (55,) / (E, 55).
+
+        ``reference``: an aligned face for the Reference Adapter (needs one loaded); None generates without.
+        ``expression_scale`` scales the adapter (0: Arc2Face alone); ``reference_scale`` is the LoRA scale;
+        ``batch_size`` caps the images per pipeline call (memory).
+        """
+        if isinstance(id_emb, FaceIdentity):
+            id_emb = id_emb.embedding
+        exps = np.stack([check_vector(e, EXP_DIM, "FLAME vector") for e in np.atleast_2d(np.asarray(exp, np.float32))])
+        if reference is not None and self.ref_unet is None:
+            raise ValueError("a reference image needs the Reference Adapter: load the pipeline with reference_adapter="
+                             "True or a path")
+        size = size or self.native_size
+        device, dtype = self.device, self.pipe.unet.dtype  # read once: diffusers' device lookup walks every module
+        prompt = self.encode_identity(id_emb).to(device, dtype)
+        ref = None if reference is None else self._reference_pixels(reference, size, device)
+        self.pipe.set_ip_adapter_scale(expression_scale)
+        # One expression per pipeline call: diffusers broadcasts ``ip_adapter_image_embeds`` over the whole prompt
+        # batch, so rows with different expressions in one call would each see every row's tokens.
+        jobs = [(e, seeds) for e in range(len(exps)) for seeds in _chunks(num_images, batch_size)]
+        out = []
+        for e, seeds in tqdm(jobs, desc="generate", disable=None, leave=False):
+            exp_t = torch.from_numpy(exps[e:e + 1]).to(device, dtype)
+            call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="np",
+                        num_images_per_prompt=len(seeds), ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1),
+                        generator=[torch.Generator(device).manual_seed(seed + k) for k in seeds])
+            if self.ref_unet is None:
+                result = self.pipe(prompt_embeds=prompt, **call)
+            else:  # reference None: LoRA scale 0, plain self-attention
+                result = generate_with_reference(self.pipe, self.ref_unet, ref, prompt, lora_scale=reference_scale,
+                                                 **call)
+            out.append((result.images * 255).round().astype(np.uint8))
+        return np.concatenate(out)
+
+    def transition(self, id_emb: np.ndarray | FaceIdentity, keyframes: Sequence[np.ndarray], frames: int = 24,
+                   reference: np.ndarray | None = None, ease: str = "linear", **kwargs: Any) -> np.ndarray:
+        """(frames, S, S, 3) uint8 along interpolated keyframe expressions, every frame from the same initial noise."""
+        return self(id_emb, interpolate(keyframes, frames, ease), reference, num_images=1, **kwargs)
