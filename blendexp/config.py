@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import netrc
 import os
 from pathlib import Path
@@ -23,10 +24,36 @@ def wandb_offline() -> bool:
         return True
 
 
+def run_id(run_dir: str) -> str:
+    """A W&B run id derived from the run folder, so a requeued or resumed job continues the same W&B run."""
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def sweep_name() -> str | None:
+    """The sweep folder's name in a multirun (the W&B group of its jobs); None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
+def job_name(single: str) -> str:
+    """``<sweep>-<job number>`` in a multirun, where every job shares the sweep's ``run_name``; else ``single``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep = sweep_name()
+    return f"{sweep}-{HydraConfig.get().job.num}" if sweep else single
+
+
 def register_resolvers() -> None:
-    """Make ``${blendexp.root:}`` and ``${blendexp.wandb_offline:}`` available (idempotent)."""
+    """Make the ``${blendexp.*}`` resolvers available (idempotent)."""
     OmegaConf.register_new_resolver("blendexp.root", lambda: str(REPO_ROOT), replace=True)
     OmegaConf.register_new_resolver("blendexp.wandb_offline", wandb_offline, replace=True)
+    OmegaConf.register_new_resolver("blendexp.run_id", run_id, replace=True)
+    OmegaConf.register_new_resolver("blendexp.sweep_name", sweep_name, replace=True)
+    OmegaConf.register_new_resolver("blendexp.job_name", job_name, replace=True)
 
 
 register_resolvers()

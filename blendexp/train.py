@@ -1,7 +1,8 @@
 """Training entry point: ``python -m blendexp.train +experiment=expr_adapter [key=value ...]``.
 
-Composes the config, instantiates DataModule, LightningModule, callbacks, loggers and Trainer, fits, and
-prints where the checkpoint, exported adapter, sample grids and logs are.
+Composes the config, instantiates DataModule, LightningModule, callbacks, loggers and Trainer, fits, optionally
+evaluates the exported adapter (``evaluate_after=true``), records ``result.json`` and prints where the checkpoint,
+exported adapter, sample grids and logs are. Sweeps: ``python -m blendexp.train -m ...`` (see experiments/).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.job import finish_runs, in_sweep, resume_path, write_result
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
@@ -36,12 +39,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # fail on bad shard paths before loading any model
     model = instantiate(cfg.model)
+    if cfg.get("evaluate_after"):
+        from blendexp.eval.after_training import evaluate_run, method_kind
+
+        method_kind(model)  # a recipe the suite cannot score fails now, not after training
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path"), trainer))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.get("evaluate_after") and trainer.is_global_zero:
+            metrics.update(evaluate_run(cfg.evaluation, model, trainer, cfg.seed))
+    except Exception as err:
+        if trainer.received_sigterm:  # preempted or requeued: SLURM stopped W&B's service with us; not a failure
+            raise SIGTERMException(f"stopped by SIGTERM ({type(err).__name__}: {err})") from err
+        raise
+    finally:
+        finish_runs(loggers)
     if trainer.is_global_zero:
         print(summary(trainer, callbacks, metrics))
     return metrics
@@ -66,13 +82,22 @@ def summary(trainer: L.Trainer, callbacks: list[Any], metrics: dict[str, float])
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
+    """Hydra entry; records ``result.json``. User errors become one clear line and exit status 1 instead of a
+    traceback; in a sweep a failed job is recorded and logged, and the other jobs go on."""
+    write_result("running")
     try:
         metrics = train(cfg)
-    except USER_ERRORS as err:
+    except Exception as err:
+        write_result("failed", error=err)
+        if in_sweep():
+            log.exception("job failed (recorded in result.json; the sweep goes on)")
+            return None
+        if not isinstance(err, USER_ERRORS):
+            raise
         log.error("%s: %s", type(err).__name__, err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    write_result("completed", metrics)
     return metrics.get("train/loss")
 
 

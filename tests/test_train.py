@@ -115,3 +115,22 @@ def test_wandb_logger_runs_offline_and_wandb_sync_accepts_it(toy_shards: Path, t
     sync = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(runs[0])],
                           capture_output=True, text=True, timeout=120)
     assert sync.returncode == 0 and "Would sync 1 run" in sync.stdout + sync.stderr
+
+
+@pytest.mark.slow
+def test_arc2face_base_recipe_trains_unet_and_encoder_and_exports_official_layout(toy_shards: Path, tiny_base,
+                                                                                 tmp_path: Path) -> None:
+    from blendexp.models.arc2face import Arc2FaceBase
+
+    res = run_cli("blendexp.train", "+experiment=arc2face_base", *shard_overrides(toy_shards, tiny_base, tmp_path),
+                  "run_name=base", "data.image_size=64", "data.batch_size=4", "trainer.max_steps=3",
+                  "model.train_text_encoder=true", "model.optim.lr=1e-2", "callbacks.samples.every_n_steps=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    export = tmp_path / "arc2face_base" / "base" / "export"
+    trained = Arc2FaceBase.from_pretrained(str(export / "models"), str(export / "stable-diffusion-v1-5"))
+    start = Arc2FaceBase.from_pretrained(str(tiny_base[0]), str(tiny_base[1]))
+    changed = [not torch.equal(a, b) for a, b in zip(trained.unet.parameters(), start.unet.parameters())]
+    assert all(changed[:5])  # the UNet itself was trained, not an adapter
+    assert any(not torch.equal(a, b) for a, b in zip(trained.text_encoder.parameters(),
+                                                     start.text_encoder.parameters()))
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (export / "stable-diffusion-v1-5/tokenizer").iterdir()}

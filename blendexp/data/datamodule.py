@@ -1,8 +1,8 @@
 """Loading shards for training: several sources mixed by weight, endless resampling for training and one
 exact pass for evaluation, optional (reference, target) pairs, corrupt members skipped and counted exactly.
 
-Each source is one stream: shard URLs (resampled forever, or split once across DDP ranks and loader
-workers) → tar members grouped by key → ``decode_sample`` → optional pairing (``pairs.py``) →
+Each source is one stream: shard URLs (resampled forever from each consumer's own share of the shards when
+there are enough, or split once across DDP ranks and loader workers) → tar members grouped by key → ``decode_sample`` → optional pairing (``pairs.py``) →
 shuffle buffer → tensors. Every unusable thing counts exactly once in the batch field ``skipped``:
 a sample whose members are missing, undecodable or of the wrong shape, and a tar that cannot be
 opened or is cut off. A cut-off tar's tail is one count: the sample being read when it ended (which
@@ -221,10 +221,13 @@ class FaceStream(IterableDataset):
         return rank * workers + worker, world * workers, rank
 
     def raw_items(self, index: int, count: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Training: shards drawn at random forever. Evaluation: whole shards per consumer when there are enough,
-        else every consumer reads all shards and keeps every ``count``-th group (error items included)."""
+        """Training: shards drawn at random forever, from this consumer's own share when there are at least as many
+        shards as consumers (so DDP ranks and workers see disjoint samples), else from all of them. Evaluation: whole
+        shards per consumer when there are enough, else every consumer reads all shards and keeps every
+        ``count``-th group (error items included)."""
+        own = self.urls[index::count] if len(self.urls) >= count else self.urls
         if self.endless:
-            return read_tars(rng.choice(self.urls) for _ in itertools.count())
+            return read_tars(rng.choice(own) for _ in itertools.count())
         if len(self.urls) >= count:
             return read_tars(self.urls[index::count])
         return itertools.islice(read_tars(self.urls), index, None, count)

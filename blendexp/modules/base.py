@@ -52,9 +52,12 @@ class Arc2FaceBaseModule(DiffusionModule):
         self.unet.save_pretrained(models / "arc2face")
         self.text_encoder.save_pretrained(models / "encoder")
         self.vae.save_pretrained(sd15 / "vae")
-        self.tokenizer.save_pretrained(sd15 / "tokenizer")
         self.noise_scheduler.save_pretrained(sd15 / "scheduler")
-        src_index = Path(self.hparams.base["sd15"]) / "model_index.json"
-        if src_index.is_file():
-            shutil.copy(src_index, sd15 / "model_index.json")
+        src = Path(self.hparams.base["sd15"])
+        if (src / "tokenizer").is_dir():  # untrained: copied as is, in SD 1.5's vocab.json/merges.txt form
+            shutil.copytree(src / "tokenizer", sd15 / "tokenizer", dirs_exist_ok=True)
+        else:  # a hub id
+            self.tokenizer.save_pretrained(sd15 / "tokenizer")
+        if (src / "model_index.json").is_file():
+            shutil.copy(src / "model_index.json", sd15 / "model_index.json")
         return [models, sd15]
