@@ -1,14 +1,16 @@
 """Toy-world faces written as shards in the shard contract: the embedded default data of every entry point.
 
 ``python -m blendexp.toyworld.shards data/sample`` renders subjects with random expressions and nuisances and
-writes ``train-*.tar`` / ``val-*.tar`` (disjoint subjects). Until a trained toy recogniser exists, the identity
-embedding is a fixed random projection of the ground-truth identity vector (recorded as ``id_model``).
+writes ``train-*.tar`` / ``val-*.tar`` (disjoint subjects). By default the identity embedding is a fixed random
+projection of the ground-truth identity vector (recorded as ``id_model``); ``python -m blendexp.toyworld.assets``
+writes shards whose embeddings come from the trained toy recogniser instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +33,26 @@ def gt_identity_embedding(identity: Identity, seed: int = 1234) -> np.ndarray:
 
 
 def write_split(out: Path, split: str, subjects: range, per_subject: int, size: int, seed: int,
-                per_shard: int) -> int:
-    """Render ``per_subject`` stills for each subject into ``<split>-%06d.tar`` shards; returns the count."""
+                per_shard: int, embed: Callable[[np.ndarray], np.ndarray] | None = None,
+                id_model: str = GT_ID_MODEL) -> int:
+    """Render ``per_subject`` stills for each subject into ``<split>-%06d.tar`` shards; returns the count.
+
+    ``embed`` maps one subject's (N, size, size, 3) uint8 faces to (N, 512) unit vectors, e.g. a trained toy
+    recogniser (then name it in ``id_model``); without it every face gets ``gt_identity_embedding``."""
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for subject in tqdm(subjects, desc=f"toy {split}", unit="subject"):
             rng = np.random.default_rng([seed, subject])
             identity = sample_identity(rng)
-            id_emb = gt_identity_embedding(identity)
-            for i in range(per_subject):
-                exp = sample_expression(rng)
-                image = np.asarray(render_face(identity, exp, sample_nuisance(rng, 0.5), size=size))
+            exps, images = [], []
+            for _ in range(per_subject):
+                exps.append(sample_expression(rng))
+                images.append(np.asarray(render_face(identity, exps[-1], sample_nuisance(rng, 0.5), size=size)))
+            ids = embed(np.stack(images)) if embed else [gt_identity_embedding(identity)] * per_subject
+            for i, (image, exp, id_emb) in enumerate(zip(images, exps, ids)):
                 meta = {"source": "toy", "subject": f"s{subject:05d}", "clip": None, "frame": 0,
-                        "image": f"i{i:03d}", "id_model": GT_ID_MODEL, "exp_model": "toyworld-ground-truth"}
+                        "image": f"i{i:03d}", "id_model": id_model, "exp_model": "toyworld-ground-truth"}
                 key = make_key("toy", f"s{subject:05d}", f"i{i:03d}", 0)
                 sink.write(encode_sample(FaceSample(key, image, id_emb, exp, meta)))
                 n += 1

@@ -1,0 +1,99 @@
+"""A small AutoencoderKL trained on toy faces: the toy base's VAE, with SD's 8x downsampling and 4 latent channels.
+
+A random VAE would make the toy base learn noise; a trained one gives latents that mean something, and its
+``scaling_factor`` is set the way SD's 0.18215 was chosen (1 / std of the latents), so the diffusion recipes
+see unit-variance latents without any toy-specific code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def toy_vae(width: int = 16) -> AutoencoderKL:
+    """AutoencoderKL shaped like SD's (4 blocks → 8x downsampling, 4 latent channels), ``width`` channels wide."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(width, 2 * width, 2 * width, 2 * width), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+    )
+
+
+@dataclass(frozen=True)
+class VaeTraining:
+    """How the toy VAE is trained: pixel MSE plus a small KL term (SD's VAE also keeps the KL weight tiny)."""
+
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+    width: int = 16
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] → uint8 (N, H, W, 3), the inverse of ``to_pixels`` (clipped)."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def train_vae(images: np.ndarray, cfg: VaeTraining, seed: int) -> AutoencoderKL:
+    """Fit the VAE to reconstruct toy faces; sampled latents keep the decoder robust to the posterior's spread."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = toy_vae(cfg.width)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    vae.train()
+    bar = tqdm(range(cfg.steps), desc="toy VAE", unit="step")
+    for _ in bar:
+        x = to_pixels(images[rng.integers(len(images), size=cfg.batch_size)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.kl_weight * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def set_scaling_factor(vae: AutoencoderKL, images: np.ndarray, seed: int, batch_size: int = 64) -> float:
+    """Store 1 / std of sampled latents as ``scaling_factor`` (how SD's 0.18215 was chosen) and return it."""
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.cat([vae.encode(to_pixels(images[s:s + batch_size])).latent_dist.sample(gen)
+                         for s in range(0, len(images), batch_size)])
+    factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB between uint8 image stacks (N, H, W, 3)."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+@torch.no_grad()
+def vae_metrics(vae: AutoencoderKL, images: np.ndarray, mean_image: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+    """Reconstruction PSNR of held-out faces (posterior mean) vs. predicting the training mean image for each."""
+    recon = np.concatenate([to_uint8(vae.decode(vae.encode(to_pixels(images[s:s + batch_size])).latent_dist.mode()).sample)
+                            for s in range(0, len(images), batch_size)])
+    baseline = np.broadcast_to(np.rint(mean_image).astype(np.uint8), images.shape)
+    return {"psnr": float(psnr(recon, images).mean()), "mean_image_psnr": float(psnr(baseline, images).mean()),
+            "scaling_factor": float(vae.config.scaling_factor), "images": len(images)}
