@@ -135,7 +135,8 @@ def test_cache_rebuilds_changed_steps_their_dependents_and_interrupted_ones(tmp_
     monkeypatch.setattr(assets, "STEPS", _fake_steps(calls, fail="b"))
     with pytest.raises(RuntimeError, match="b failed"):
         build(tmp_path, AssetsConfig(seed=2))
+    assert calls[10:] == ["a", "b"]
     assert not (tmp_path / "b").exists()  # a failed step leaves no half-written output behind ...
     monkeypatch.setattr(assets, "STEPS", _fake_steps(calls))
     build(tmp_path, AssetsConfig(seed=2))
-    assert calls[10:] == ["b", "c"]  # ... and no marker, so the next run redoes it (a was finished)
+    assert calls[12:] == ["b", "c"]  # ... and no marker, so the next run redoes it (a was finished)
