@@ -2,8 +2,8 @@
 exact pass for evaluation, optional (reference, target) pairs, corrupt members skipped and counted exactly.
 
 Each source is one stream: shard URLs (resampled forever from each consumer's own share of the shards when
-there are enough, or split once across DDP ranks and loader workers) → tar members grouped by key → ``decode_sample`` → optional pairing (``pairs.py``) →
-shuffle buffer → tensors. Every unusable thing counts exactly once in the batch field ``skipped``:
+there are enough, or split once across DDP ranks and loader workers) → tar members grouped by key →
+``decode_sample`` → optional pairing (``pairs.py``) → shuffle buffer → tensors. Every unusable thing counts exactly once in the batch field ``skipped``:
 a sample whose members are missing, undecodable or of the wrong shape, and a tar that cannot be
 opened or is cut off. A cut-off tar's tail is one count: the sample being read when it ended (which
 may have lost a trailing optional member such as ``latents.npy``) and everything after it.
@@ -225,11 +225,12 @@ class FaceStream(IterableDataset):
         shards as consumers (so DDP ranks and workers see disjoint samples), else from all of them. Evaluation: whole
         shards per consumer when there are enough, else every consumer reads all shards and keeps every
         ``count``-th group (error items included)."""
-        own = self.urls[index::count] if len(self.urls) >= count else self.urls
+        split = len(self.urls) >= count
+        own = self.urls[index::count] if split else self.urls
         if self.endless:
             return read_tars(rng.choice(own) for _ in itertools.count())
-        if len(self.urls) >= count:
-            return read_tars(self.urls[index::count])
+        if split:
+            return read_tars(own)
         return itertools.islice(read_tars(self.urls), index, None, count)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -28,6 +28,7 @@ from blendexp.eval.annotators import AlignedFaces
 from blendexp.faces.align import ARCFACE_SIZE
 from blendexp.faces.expression import SmirkExpressionEncoder, prepare_smirk_input
 from blendexp.faces.identity import IdentityEncoder
+from blendexp.toyworld.fitting import fit
 from blendexp.toyworld.params import MAPPED_COMPONENTS
 
 log = logging.getLogger(__name__)
@@ -130,21 +131,18 @@ def train_identity_encoder(images: np.ndarray, labels: np.ndarray, cfg: Identity
     classes, targets = np.unique(labels, return_inverse=True)
     net = ToyFaceNet(cfg.width)
     centres = nn.Parameter(torch.randn(len(classes), 512) * 0.01)  # one class centre per identity
-    opt = torch.optim.AdamW([*net.parameters(), centres], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     net.train()
-    bar = tqdm(range(cfg.steps), desc="identity encoder", unit="step")
-    for _ in bar:
+
+    def step() -> tuple[torch.Tensor, dict[str, str]]:
+        """CosFace loss of one random batch."""
         idx = rng.integers(len(images), size=cfg.batch_size)
         x = _normalise_crops(identity_crops(_augment(images[idx], rng, cfg.small_p)))
         cos = F.normalize(net(x)) @ F.normalize(centres).T  # (B, classes)
         y = torch.from_numpy(targets[idx])
         loss = F.cross_entropy(cfg.scale * (cos - cfg.margin * F.one_hot(y, len(classes))), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss, {"loss": f"{loss.item():.3f}"}
+
+    fit([*net.parameters(), centres], cfg.steps, cfg.lr, cfg.weight_decay, 0.1, "identity encoder", step)
     return net.eval()
 
 
@@ -222,21 +220,18 @@ def train_expression_encoder(images: np.ndarray, expressions: np.ndarray, cfg: E
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SmirkExpressionEncoder()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
     scale = torch.from_numpy(LOSS_SCALE)
     model.train()
-    bar = tqdm(range(cfg.steps), desc="expression encoder", unit="step")
-    for _ in bar:
+
+    def step() -> tuple[torch.Tensor, dict[str, str]]:
+        """Range-scaled MSE of one random batch (MSE: L1 locks onto the sparse median, 0)."""
         idx = rng.integers(len(images), size=cfg.batch_size)
         x = smirk_inputs(_augment(images[idx], rng, cfg.small_p))
         target = torch.from_numpy(expressions[idx])
-        loss = F.mse_loss(_raw_flame(model, x) / scale, target / scale)  # MSE: L1 locks onto the sparse median (0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        loss = F.mse_loss(_raw_flame(model, x) / scale, target / scale)
+        return loss, {"loss": f"{loss.item():.4f}"}
+
+    fit(model.parameters(), cfg.steps, cfg.lr, cfg.weight_decay, 0.15, "expression encoder", step)
     return model.eval()
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from tqdm import tqdm
+
+from blendexp.toyworld.fitting import fit
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,16 @@ def train_vae(images: np.ndarray, cfg: VaeTraining, seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = toy_vae(cfg.width)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     vae.train()
-    bar = tqdm(range(cfg.steps), desc="toy VAE", unit="step")
-    for _ in bar:
+
+    def step() -> tuple[torch.Tensor, dict[str, str]]:
+        """Reconstruction MSE plus the KL term on one random batch."""
         x = to_pixels(images[rng.integers(len(images), size=cfg.batch_size)])
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        mse = F.mse_loss(recon, x)
-        loss = mse + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}")
+        mse = F.mse_loss(vae.decode(posterior.sample()).sample, x)
+        return mse + cfg.kl_weight * posterior.kl().mean(), {"mse": f"{mse.item():.4f}"}
+
+    fit(vae.parameters(), cfg.steps, cfg.lr, 0.0, 0.05, "toy VAE", step)
     return vae.eval()
 
 
