@@ -1,37 +1,51 @@
-"""Closed-loop check in the toy world: does a trained Expression Adapter produce the expression it is asked for?
+"""Closed loop in the toy world: do trained adapters do what they are asked, as the toy annotators read it back?
 
-    python benchmarks/closed_loop.py [--toy .cache/toy] [--steps 300] [--device cpu]
+    python benchmarks/closed_loop.py [--toy .cache/toy] [--expr-steps 1500] [--ref-steps 600] [--check]
 
-The toy world knows every face's identity and expression, and its trained annotators read them back. ``--toy`` is
-the root ``python -m blendexp.toyworld.assets`` builds: the trained toy Arc2Face base (``base/``), its shards
-(``shards/``) and the toy ArcFace ONNX and SMIRK checkpoint in the official layout
-(``annotators/antelopev2/arcface.onnx``, ``annotators/smirk/SMIRK_em1.pt``). The benchmark trains an Expression
-Adapter on that base and those shards (or reuses the one a previous run left in ``<out>/expr_adapter/closed_loop``),
-evaluates it and Arc2Face alone on held-out toy faces ×
-the expressions of held-out toy images with those annotators, and prints the ratio of their expression errors
-(expr_adapter / arc2face, both measured in this run; goal <= 0.80) with both identity similarities.
+``--toy`` is the root ``python -m blendexp.toyworld.assets`` builds: the trained toy Arc2Face base (``base/``), its
+still shards (``shards/``), talking-head clip shards (``clips/``), the toy ArcFace ONNX and SMIRK checkpoint in the
+official layout (``annotators/``) and the build's ``metrics.json``. Through the user entry points, the benchmark
+trains an Expression Adapter on the base and stills, then a Reference Adapter on clip pairs with that Expression
+Adapter frozen (each reused when its run folder already holds an export), and evaluates ``arc2face``,
+``expr_adapter`` and ``expr_ref`` on held-out toy faces × the expressions of other held-out faces.
+
+Goals (issue 7), all measured in this run:
+  * expression error of expr_adapter <= 0.5x arc2face's, over the components the toy SMIRK reads (held-out MAE at
+    most half the mean predictor's in metrics.json: on the others every method gets the annotator's own error);
+  * ID similarity of expr_adapter >= 0.9x arc2face's;
+  * expr_ref's background L1 to the reference photo below expr_adapter's (the Reference Adapter keeps appearance).
+Prints the table and writes ``<out>/closed_loop.json``; with ``--check`` exits 1 when a goal is missed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 REPO = Path(__file__).resolve().parent.parent
-GOAL = 0.80
+EXPR_GOAL, ID_GOAL, READABLE = 0.5, 0.9, 0.5
 
 
-def missing_assets(toy: Path) -> list[str]:
+def missing_assets(toy: Path, data: Path) -> list[str]:
     """Every toy-world file the check needs that is not there."""
-    need = [toy / "annotators/antelopev2/arcface.onnx", toy / "annotators/smirk/SMIRK_em1.pt",
+    need = [toy / "annotators/antelopev2/arcface.onnx", toy / "annotators/smirk/SMIRK_em1.pt", toy / "metrics.json",
             toy / "base/models/arc2face/config.json", toy / "base/stable-diffusion-v1-5/vae/config.json"]
     missing = [str(p) for p in need if not p.is_file()]
-    missing += [str(toy / "shards" / f"{split}-*.tar") for split in ("train", "val")
-                if not any((toy / "shards").glob(f"{split}-*.tar"))]
+    missing += [str(data / folder / f"{split}-*.tar") for folder, split in (("shards", "train"), ("shards", "val"),
+                                                                            ("clips", "clips"))
+                if not any((data / folder).glob(f"{split}-*.tar"))]
     return missing
+
+
+def readable_components(toy: Path) -> list[str]:
+    """FLAME components the toy SMIRK reads: held-out MAE at most ``READABLE`` x the mean predictor's."""
+    per = json.loads((toy / "metrics.json").read_text())["expression_encoder"]["per_component_mae_vs_mean_predictor"]
+    return [name.split(" (")[0] for name, (mae, mean) in per.items() if mae <= READABLE * mean]
 
 
 def base_overrides(toy: Path) -> list[str]:
@@ -46,59 +60,93 @@ def run(module: str, *overrides: str) -> None:
         sys.exit(f"{module} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def train_adapter(out: Path, toy: Path, steps: int, device: str) -> Path:
-    """The closed-loop adapter run folder, trained now unless a finished one is already there."""
-    run_dir = out / "expr_adapter" / "closed_loop"
-    if (run_dir / "export" / "exp_adapter.safetensors").is_file():
-        print(f"reusing the adapter in {run_dir}")
+def train(experiment: str, out: Path, toy: Path, data: Path, steps: int, device: str, *overrides: str) -> Path:
+    """One adapter's run folder, trained now unless a finished export is already there."""
+    run_dir = out / experiment / "closed_loop"
+    if (run_dir / "export").is_dir() and any((run_dir / "export").iterdir()):
+        print(f"reusing {run_dir}")
         return run_dir
     trainer = ["trainer=gpu"] if device.startswith("cuda") else []
-    shards = toy / "shards"
-    run("blendexp.train", "+experiment=expr_adapter", "run_name=closed_loop", f"paths.outputs={out}",
-        *base_overrides(toy), "model.base.tiny_root=null",
-        f"data.sources.stills.shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar",
-        f"trainer.max_steps={steps}", *trainer)
+    run("blendexp.train", f"+experiment={experiment}", "run_name=closed_loop", f"paths.outputs={out}",
+        *base_overrides(toy), "model.base.tiny_root=null", f"data.val_shards={data}/shards/val-*.tar",
+        f"trainer.max_steps={steps}", "callbacks.samples.every_n_steps=0", *trainer, *overrides)
     return run_dir
 
 
-def evaluate(out: Path, toy: Path, adapter: Path, device: str, size: int) -> dict[str, dict[str, str]]:
-    """Arc2Face vs the trained adapter on held-out toy faces, scored by the toy annotators; rows of results.csv."""
-    shards, assets = toy / "shards", toy / "annotators"
-    run("blendexp.evaluate", "run_name=closed_loop", f"paths.outputs={out}", f"device={device}",
+def evaluate(out: Path, toy: Path, data: Path, expr: Path, ref: Path, a: argparse.Namespace) -> Path:
+    """All three methods on held-out toy faces, scored by the toy annotators; the report folder."""
+    shards, assets = data / "shards", toy / "annotators"
+    run("blendexp.evaluate", "run_name=closed_loop", f"paths.outputs={out}", f"device={a.device}",
         *base_overrides(toy), "eval.base.tiny_root=null",
-        f"eval.sources.path={shards}/val-*.tar", "eval.sources.limit=8",
+        f"eval.sources.path={shards}/val-*.tar", f"eval.sources.limit={a.sources}",
         f"eval.targets.path={shards}/val-*.tar", "eval.targets.per_subject=null", "eval.targets.offset=0",
-        "eval.targets.limit=8",
-        f"eval.generation.size={size}", "eval.generation.steps=20", "eval.generation.samples=2",
-        "~eval.methods.expr_ref", f"eval.methods.expr_adapter.adapter={adapter}",
+        f"eval.targets.limit={a.targets}", f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
+        f"eval.generation.samples={a.samples}", f"eval.methods.expr_adapter.adapter={expr}",
+        f"eval.methods.expr_ref.ref_adapter={ref}", f"eval.methods.expr_ref.exp_adapter={expr}/export",
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null",
         f"eval.annotators.arcface={assets}/antelopev2/arcface.onnx", f"eval.annotators.smirk={assets}/smirk/SMIRK_em1.pt")
-    with open(out / "evaluate" / "closed_loop" / "results.csv") as f:
-        return {row["method"]: row for row in csv.DictReader(f)}
+    return out / "evaluate" / "closed_loop"
+
+
+def summarise(report: Path, readable: list[str]) -> dict[str, object]:
+    """Per-method scores, the three ratios and whether each goal is met."""
+    rows = {r["method"]: r for r in pd.read_csv(report / "results.csv").to_dict("records")}
+    comps = pd.read_csv(report / "expression_components.csv", index_col="component").loc[readable]
+    methods = {m: {"exp_mae_readable": float(comps[m].mean()), "exp_mae": float(rows[m]["exp_mae"]),
+                   "id_sim": float(rows[m]["id_sim"]), "bg_l1": float(rows[m]["bg_l1"])} for m in rows}
+    base, ours, ref = methods["arc2face"], methods["expr_adapter"], methods["expr_ref"]
+    expr_ratio = ours["exp_mae_readable"] / base["exp_mae_readable"]
+    id_ratio = ours["id_sim"] / base["id_sim"] if base["id_sim"] > 0 else float("nan")
+    return {"readable_components": readable, "methods": methods,
+            "expr_ratio": expr_ratio, "expr_goal_met": expr_ratio <= EXPR_GOAL,
+            "id_ratio": id_ratio, "id_goal_met": bool(base["id_sim"] > 0 and id_ratio >= ID_GOAL),
+            "bg_l1_ref_vs_expr": ref["bg_l1"] / ours["bg_l1"], "ref_goal_met": ref["bg_l1"] < ours["bg_l1"]}
 
 
 def main() -> None:
-    """Check the assets, train or reuse, evaluate, print the ratio."""
+    """Check the assets, train or reuse both adapters, evaluate, print and save the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--toy", type=Path, default=REPO / ".cache" / "toy",
-                   help="root of the built toy assets (python -m blendexp.toyworld.assets --root ...)")
+                   help="root of the built toy assets (python -m blendexp.toyworld.assets --root ...), or the copy "
+                        "the repository ships in data/toy")
+    p.add_argument("--data", type=Path, default=None, help="where shards/ and clips/ are (default: --toy)")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "closed_loop")
-    p.add_argument("--steps", type=int, default=300, help="training steps when no trained adapter is there yet")
+    p.add_argument("--expr-steps", type=int, default=1500, help="Expression Adapter steps (when not reused)")
+    p.add_argument("--ref-steps", type=int, default=600, help="Reference Adapter steps (when not reused)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sources", type=int, default=12, help="held-out source faces")
+    p.add_argument("--targets", type=int, default=12, help="target expressions (faces of held-out subjects)")
+    p.add_argument("--samples", type=int, default=1, help="seeds per (source, target) pair")
+    p.add_argument("--gen-steps", type=int, default=20, help="sampling steps")
     p.add_argument("--size", type=int, default=64, help="image size (the toy shards' size)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
     a = p.parse_args()
-    missing = missing_assets(a.toy)
+    toy, out = a.toy.resolve(), a.out.resolve()
+    data = (a.data or a.toy).resolve()
+    missing = missing_assets(toy, data)
     if missing:
         sys.exit("closed loop: toy-world assets missing:\n  " + "\n  ".join(missing) + "\nBuild them first: "
-                 f"python -m blendexp.toyworld.assets --root {a.toy}")
-    adapter = train_adapter(a.out, a.toy, a.steps, a.device)
-    rows = evaluate(a.out, a.toy, adapter, a.device, a.size)
-    base, ours = rows["arc2face"], rows["expr_adapter"]
-    ratio = float(ours["exp_mae"]) / float(base["exp_mae"])
-    print(f"expression MAE: expr_adapter {float(ours['exp_mae']):.4f} vs arc2face {float(base['exp_mae']):.4f}")
-    print(f"ID similarity (toy ArcFace): expr_adapter {float(ours['id_sim']):.3f} vs arc2face {float(base['id_sim']):.3f}")
-    print(f"ratio expr_adapter / arc2face expression MAE: {ratio:.3f} (goal <= {GOAL:.2f}: "
-          f"{'met' if ratio <= GOAL else 'NOT met'})")
+                 f"python -m blendexp.toyworld.assets --root {toy}")
+    expr = train("expr_adapter", out, toy, data, a.expr_steps, a.device, f"data.batch_size={a.batch_size}",
+                 f"data.sources.stills.shards={data}/shards/train-*.tar")
+    # clip frames pair within their clip; the held-out stills (validation) pair within their subject
+    ref = train("ref_adapter", out, toy, data, a.ref_steps, a.device, f"data.batch_size={a.batch_size}",
+                f"data.sources.stills.shards={data}/clips/clips-*.tar", "data.pairs.stills=true",
+                f"model.expression_adapter={expr}/export")
+    result = summarise(evaluate(out, toy, data, expr, ref, a), readable_components(toy))
+    (out / "closed_loop.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"readable components: {', '.join(result['readable_components'])}")
+    print(f"{'method':<14}{'expr MAE (readable)':>21}{'expr MAE (all)':>16}{'ID sim':>9}{'bg L1 to ref':>14}")
+    for m, v in result["methods"].items():
+        print(f"{m:<14}{v['exp_mae_readable']:>21.4f}{v['exp_mae']:>16.4f}{v['id_sim']:>9.3f}{v['bg_l1']:>14.4f}")
+    goals = [("expr_adapter / arc2face expression error", result["expr_ratio"], f"<= {EXPR_GOAL}", "expr_goal_met"),
+             ("expr_adapter / arc2face ID similarity", result["id_ratio"], f">= {ID_GOAL}", "id_goal_met"),
+             ("expr_ref / expr_adapter background L1", result["bg_l1_ref_vs_expr"], "< 1", "ref_goal_met")]
+    for label, value, goal, key in goals:
+        print(f"{label}: {value:.3f} (goal {goal}: {'met' if result[key] else 'NOT met'})")
+    if a.check and not all(result[key] for *_, key in goals):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

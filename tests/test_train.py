@@ -121,10 +121,12 @@ def test_wandb_logger_runs_offline_and_wandb_sync_accepts_it(toy_shards: Path, t
 def test_arc2face_base_recipe_trains_unet_and_encoder_and_exports_official_layout(toy_shards: Path, tiny_base,
                                                                                  tmp_path: Path) -> None:
     from blendexp.models.arc2face import Arc2FaceBase
+    from blendexp.modules.expression import ExpressionAdapterModule
 
     res = run_cli("blendexp.train", "+experiment=arc2face_base", *shard_overrides(toy_shards, tiny_base, tmp_path),
                   "run_name=base", "data.image_size=64", "data.batch_size=4", "trainer.max_steps=3",
-                  "model.train_text_encoder=true", "model.optim.lr=1e-2", "callbacks.samples.every_n_steps=0")
+                  "model.train_text_encoder=true", "model.optim.lr=1e-2", "callbacks.samples.every_n_steps=0",
+                  "model.noise.prediction_type=v_prediction")
     assert res.returncode == 0, res.stderr[-3000:]
     export = tmp_path / "arc2face_base" / "base" / "export"
     trained = Arc2FaceBase.from_pretrained(str(export / "models"), str(export / "stable-diffusion-v1-5"))
@@ -134,3 +136,8 @@ def test_arc2face_base_recipe_trains_unet_and_encoder_and_exports_official_layou
     assert any(not torch.equal(a, b) for a, b in zip(trained.text_encoder.parameters(),
                                                      start.text_encoder.parameters()))
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (export / "stable-diffusion-v1-5/tokenizer").iterdir()}
+    # the chosen parameterisation travels with the base: its scheduler says v, and an adapter trained on it follows
+    assert trained.scheduler.config.prediction_type == "v_prediction"
+    adapter = ExpressionAdapterModule(base={"models": str(export / "models"), "sd15": str(export / "stable-diffusion-v1-5")},
+                                      adapter={"num_tokens": 4}, noise={}, dropout={}, optim={"lr": 1e-3})
+    assert adapter.noise_scheduler.config.prediction_type == "v_prediction"

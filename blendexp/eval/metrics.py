@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import stats
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -40,6 +41,7 @@ METRICS: dict[str, MetricSpec] = {
     "exp_mae_expression": MetricSpec("expression MAE", False),
     "exp_mae_eyelid": MetricSpec("eyelid MAE", False),
     "exp_mae_jaw": MetricSpec("jaw MAE", False),
+    "bg_l1": MetricSpec("background L1 to source", False),
     "fid": MetricSpec("FID", False),
     "kid": MetricSpec("KID", False),
 }
@@ -93,6 +95,21 @@ def expression_errors(pred: np.ndarray, target: np.ndarray) -> dict[str, np.ndar
         "exp_mae_jaw": abs_err[:, JAW].mean(axis=1),
         "abs": abs_err,
     }
+
+
+def border_l1(images: list[np.ndarray], references: list[np.ndarray], band: float = 0.125) -> np.ndarray:
+    """Mean absolute pixel difference (0-1) to the reference in the outer ``band`` of the frame, where aligned
+    faces show background and hair: how much of a reference photo's appearance a generation keeps."""
+    out = []
+    for image, ref in zip(images, references):
+        h, w = image.shape[:2]
+        if ref.shape[:2] != (h, w):
+            ref = np.asarray(Image.fromarray(ref).resize((w, h), Image.Resampling.BICUBIC))
+        mask = np.ones((h, w), bool)
+        bh, bw = max(1, round(h * band)), max(1, round(w * band))
+        mask[bh:h - bh, bw:w - bw] = False
+        out.append(np.abs(image.astype(np.float64) - ref.astype(np.float64))[mask].mean() / 255.0)
+    return np.asarray(out)
 
 
 class _Given(nn.Module):

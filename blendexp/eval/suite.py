@@ -34,12 +34,12 @@ from blendexp.eval.inputs import (
     read_images,
 )
 from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method
-from blendexp.eval.metrics import Estimate, cosine_similarity, expression_errors, mean_ci, set_metrics
+from blendexp.eval.metrics import Estimate, border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
 
 log = logging.getLogger(__name__)
 
 PER_IMAGE_METRICS = ("id_sim", "id_sim_facenet", "exp_mae", "exp_l2", "exp_mae_expression", "exp_mae_eyelid",
-                     "exp_mae_jaw")
+                     "exp_mae_jaw", "bg_l1")
 
 
 @dataclass
@@ -232,7 +232,8 @@ def score_images(name: str, jobs: Jobs, test: EvalSet,
         src = [test.sources[s] for (s, _, _), _ in batch]
         tgt = np.stack([test.targets[t].exp for (_, t, _), _ in batch])
         err = expression_errors(faces.exp, tgt)
-        values = {"id_sim": cosine_similarity(faces.arcface, np.stack([x.arcface for x in src])), **err}
+        values = {"id_sim": cosine_similarity(faces.arcface, np.stack([x.arcface for x in src])), **err,
+                  "bg_l1": border_l1(images, [x.image for x in src])}
         if faces.facenet is not None:
             values["id_sim_facenet"] = cosine_similarity(faces.facenet, np.stack([x.facenet for x in src]))
         errors.append(err["abs"][faces.found])

@@ -18,6 +18,8 @@ from blendexp.modules.diffusion import DiffusionModule
 class Arc2FaceBaseModule(DiffusionModule):
     """Noise-prediction training of the UNet conditioned on ID prompt embeddings, with ID dropout for CFG."""
 
+    trains_whole_unet = True
+
     def __init__(self, base: dict[str, Any], noise: dict[str, Any], dropout: dict[str, float],
                  optim: dict[str, Any], train_text_encoder: bool = False) -> None:
         super().__init__(base=base, noise=noise, dropout=dropout, optim=optim)

@@ -28,6 +28,8 @@ def load_base(models: str, sd15: str, tiny_root: str | None = None) -> Arc2FaceB
 class DiffusionModule(L.LightningModule):
     """Frozen Arc2Face base plus whatever a subclass marks trainable; subclasses add their conditions."""
 
+    trains_whole_unet = False  # only base training may choose what the UNet predicts
+
     def __init__(self, base: dict[str, Any], noise: dict[str, Any], dropout: dict[str, float],
                  optim: dict[str, Any]) -> None:
         super().__init__()
@@ -38,9 +40,21 @@ class DiffusionModule(L.LightningModule):
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
         self.noise_cfg, self.dropout_cfg, self.optim_cfg = dict(noise), dict(dropout), dict(optim)
+        self._set_prediction_type(self.noise_cfg.get("prediction_type"))
         with torch.no_grad():
             self.register_buffer("empty_embeds", empty_prompt_embeds(self.text_encoder, self.tokenizer), persistent=False)
         self.skipped_total = 0
+
+    def _set_prediction_type(self, wanted: str | None) -> None:
+        """The base's scheduler says what its UNet predicts; adapters must follow it, base training may set it."""
+        current = self.noise_scheduler.config.get("prediction_type", "epsilon")
+        if wanted is None or wanted == current:
+            return
+        if not self.trains_whole_unet:
+            raise ValueError(f"model.noise.prediction_type={wanted} but this base's UNet predicts {current} (its "
+                             f"scheduler config); an adapter trains against the frozen base's parameterisation: "
+                             f"set model.noise.prediction_type=null or {current}")
+        self.noise_scheduler.register_to_config(prediction_type=wanted)  # exported with the trained base
 
     def base(self) -> Arc2FaceBase:
         """The (adapted) components as one object, e.g. to build a diffusers pipeline for samples."""
@@ -88,7 +102,7 @@ class DiffusionModule(L.LightningModule):
         sched = self.noise_scheduler
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=self.device)
         noisy = sched.add_noise(latents, noise, t)
-        pred_type = self.noise_cfg.get("prediction_type", "epsilon")
+        pred_type = sched.config.prediction_type
         target = noise if pred_type == "epsilon" else sched.get_velocity(latents, noise, t)
         pred = predict(noisy, t)
         gamma = self.noise_cfg.get("snr_gamma")

@@ -172,8 +172,8 @@ def verification_metrics(emb: np.ndarray, labels: np.ndarray, seed: int = 0) -> 
     people = rng.permutation(np.unique(labels))
     halves = np.array_split(people, 2)
     correct = []
-    for fit, test in (halves, halves[::-1]):
-        fit_pairs, fit_same = _balanced_pairs(labels, fit, rng)
+    for train_half, test in (halves, halves[::-1]):
+        fit_pairs, fit_same = _balanced_pairs(labels, train_half, rng)
         fit_sims = sims[fit_pairs[:, 0], fit_pairs[:, 1]]
         cuts = np.unique(fit_sims)
         candidates = np.concatenate([cuts[:1] - 1e-6, (cuts[:-1] + cuts[1:]) / 2, cuts[-1:] + 1e-6])  # midpoints

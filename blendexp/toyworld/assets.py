@@ -8,6 +8,7 @@ step with an unchanged fingerprint is skipped; ``--force`` rebuilds everything):
   expression  SMIRK-architecture encoder → annotators/smirk/SMIRK_em1.pt (SMIRK's keys)
   vae         small AutoencoderKL (8x, 4 channels, scaling_factor = 1/std of its latents) → vae/
   shards      64 px toy stills whose id.npy come from the toy recogniser → shards/{train,val}-*.tar
+  clips       64 px frames of one talking-head clip per further subject, same embeddings → clips/clips-*.tar
   init        tiny random Arc2Face base with the toy VAE, official layout → init/
   base        ``python -m blendexp.train +experiment=toy_base`` → base/{models,stable-diffusion-v1-5} (+ runs/base)
 
@@ -81,6 +82,8 @@ class AssetsConfig:
     shard_per_subject: int = 8
     val_shard_subjects: int = 16
     per_shard: int = 1000
+    clip_subjects: int = 250  # one clip each, for the Reference Adapter
+    clip_frames: int = 16
     base: BaseTraining = field(default_factory=BaseTraining)
 
 
@@ -89,6 +92,7 @@ QUICK = AssetsConfig(
     train_subjects=60, train_per_subject=8, heldout_subjects=12, heldout_per_subject=4,
     identity=IdentityTraining(steps=60, batch_size=32), expression=ExpressionTraining(steps=300, batch_size=16),
     vae=VaeTraining(steps=400), shard_subjects=24, shard_per_subject=4, val_shard_subjects=4, per_shard=48,
+    clip_subjects=8, clip_frames=8,
     base=BaseTraining(steps=20, batch_size=8, eval_identities=6, eval_samples=1, eval_steps=4),
 )
 
@@ -173,21 +177,24 @@ def _vae(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- base
 def _shards(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     """Write the base's training data: toy stills whose id.npy are the toy recogniser's embeddings."""
-    from blendexp.faces.identity import ArcFaceONNX
-    from blendexp.toyworld.annotators import identity_crops
     from blendexp.toyworld.shards import write_split
-
-    encoder = ArcFaceONNX(root / ARCFACE)
-
-    def embed(images: np.ndarray) -> np.ndarray:
-        """Per-image toy embeddings, cropped as the evaluator crops aligned faces."""
-        return encoder.embed(identity_crops(images))
 
     out, n = root / "shards", cfg.shard_subjects
     common = dict(per_subject=cfg.shard_per_subject, size=cfg.image_size, seed=cfg.seed, per_shard=cfg.per_shard,
-                  embed=embed, id_model=TOY_ID_MODEL)
+                  embed=toy_embedder(root / ARCFACE), id_model=TOY_ID_MODEL)
     return {"train": write_split(out, "train", range(n), **common),
             "val": write_split(out, "val", range(n, n + cfg.val_shard_subjects), **common)}
+
+
+def _clips(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
+    """One talking-head clip for each of further subjects: the Reference Adapter's (reference, target) pairs."""
+    from blendexp.toyworld.shards import write_split
+
+    start = cfg.shard_subjects + cfg.val_shard_subjects  # disjoint from the base's and the evaluation's subjects
+    return {"frames": write_split(root / "clips", "clips", range(start, start + cfg.clip_subjects),
+                                  per_subject=cfg.clip_frames, size=cfg.image_size, seed=cfg.seed,
+                                  per_shard=cfg.per_shard, embed=toy_embedder(root / ARCFACE), id_model=TOY_ID_MODEL,
+                                  clips=True)}
 
 
 def _init(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
@@ -247,10 +254,19 @@ STEPS = (
     Step("vae", _vae, ("renders",), ("vae",), lambda c: (c.seed, c.image_size, asdict(c.vae))),
     Step("shards", _shards, ("identity",), ("shards",),
          lambda c: (c.seed, c.image_size, c.shard_subjects, c.shard_per_subject, c.val_shard_subjects, c.per_shard)),
+    Step("clips", _clips, ("identity",), ("clips",),
+         lambda c: (c.seed, c.image_size, c.shard_subjects, c.val_shard_subjects, c.clip_subjects, c.clip_frames,
+                    c.per_shard)),
     Step("init", _init, ("vae",), ("init",), lambda c: c.seed),
     Step("base", _base, ("shards", "init"), ("runs/base", "base", "base_samples.png"),
-         lambda c: (c.seed, c.image_size, asdict(c.base))),
+         lambda c: (c.seed, c.image_size, asdict(c.base), _recipe_text())),
 )
+
+
+def _recipe_text() -> str:
+    """The base recipe's config files: editing them must retrain the base, as changing a setting here does."""
+    conf = REPO_ROOT / "conf"
+    return "".join((conf / f).read_text() for f in ("experiment/toy_base.yaml", "model/arc2face_base.yaml"))
 
 
 def _cpu_seconds() -> float:
@@ -321,14 +337,15 @@ def _write_if_changed(path: Path, text: str) -> None:
 def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any]]) -> None:
     """metrics.json (every step's metrics, timings and the config) and a README saying how the assets were made."""
     names = {"renders": "renders", "identity": "identity_encoder", "expression": "expression_encoder", "vae": "vae",
-             "shards": "shards", "base": "base"}
+             "shards": "shards", "clips": "clips", "base": "base"}
     timings = {n: {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"]} for n, r in records.items()}
     metrics = {names[n]: records[n]["metrics"] for n in names}
     metrics.update(timings=timings, total_wall_s=round(sum(t["wall_s"] for t in timings.values()), 1),
                    total_cpu_s=round(sum(t["cpu_s"] for t in timings.values()), 1), config=asdict(cfg))
     _write_if_changed(root / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     quick = " --quick" if cfg == replace(QUICK, seed=cfg.seed) else ""
-    lines = [f"# Toy-world assets\n\nMade by `python -m blendexp.toyworld.assets --root {root}{quick} --seed {cfg.seed}`"
+    where = "" if root == DEFAULT_ROOT.resolve() else f" --root {root}"
+    lines = [f"# Toy-world assets\n\nMade by `python -m blendexp.toyworld.assets{where}{quick} --seed {cfg.seed}`"
              " (deterministic; cached steps are skipped, `--force` rebuilds). Settings: `config` in metrics.json.\n",
              "| path | what | how |", "| --- | --- | --- |",
              f"| renders/{{train,heldout}}.npz | {cfg.train_subjects}x{cfg.train_per_subject} training and "
@@ -343,6 +360,9 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
              f"| shards/ | {cfg.shard_subjects}x{cfg.shard_per_subject} train, {cfg.val_shard_subjects}x"
              f"{cfg.shard_per_subject} val stills, {cfg.image_size} px | id.npy from the toy identity encoder, "
              "exp.npy ground truth |",
+             f"| clips/ | one {cfg.clip_frames}-frame clip for each of {cfg.clip_subjects} further subjects, "
+             f"{cfg.image_size} px | talking-head clips (one background, drifting pose and light), embedded the same "
+             "way; the Reference Adapter's pairs |",
              "| init/ | tiny random Arc2Face base + toy VAE, official layout | `blendexp.models.tiny` |",
              f"| base/ | trained toy Arc2Face base (models/, stable-diffusion-v1-5/) | `python -m blendexp.train "
              f"+experiment=toy_base`, {cfg.base.steps} steps x {cfg.base.batch_size}; run in runs/base/ |",
@@ -354,6 +374,39 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
     _write_if_changed(root / "README.md", "\n".join(lines) + "\n")
 
 
+SHIPPED = (str(ARCFACE), str(SMIRK), "base/models", "base/stable-diffusion-v1-5", "metrics.json", "README.md")
+SHIPPED_ROOT = REPO_ROOT / "data" / "toy"
+
+
+def ship(root: Path, dest: Path = SHIPPED_ROOT) -> Path:
+    """Copy the trained annotators, the toy base and the build's report (about 25 MB) to ``dest``, the copy the
+    repository carries so that tests and benchmarks can use trained toy models without a 30-minute build."""
+    missing = [str(root / f) for f in SHIPPED if not (root / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"cannot ship an incomplete build; missing: {', '.join(missing)}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel in SHIPPED:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (root / rel).is_dir() else shutil.copy2
+        copy(root / rel, dest / rel)
+    note = (f"The repository's copy of a full build ({', '.join(SHIPPED[:4])}; the build's report below), made with "
+            "`python -m blendexp.toyworld.assets --ship`. Renders, shards and clips are not shipped: the build "
+            "remakes them deterministically in a minute.\n\n")
+    readme = (dest / "README.md").read_text()
+    (dest / "README.md").write_text(readme.replace("\n\n", "\n\n" + note, 1))
+    return dest
+
+
+def toy_embedder(arcface: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Per-image embeddings from a toy recogniser, cropped as the evaluator crops aligned faces."""
+    from blendexp.faces.identity import ArcFaceONNX
+    from blendexp.toyworld.annotators import identity_crops
+
+    encoder = ArcFaceONNX(arcface)
+    return lambda images: encoder.embed(identity_crops(images))
+
+
 def main() -> None:
     """CLI: build what is missing, print one line per step and the headline metrics."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -361,7 +414,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="test-sized build (seconds per step; metrics still real)")
     p.add_argument("--force", action="store_true", help="rebuild every step even if cached")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ship", action="store_true", help=f"then copy annotators, base and report to {SHIPPED_ROOT}")
     args = p.parse_args()
+    if args.ship and args.quick:
+        p.error("--ship copies the documented full build into the repository; drop --quick")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg = replace(QUICK if args.quick else FULL, seed=args.seed)
     try:
@@ -374,6 +430,8 @@ def main() -> None:
     for name, text in headline(records).items():
         print(f"{name}: {text}")
     print(f"metrics: {args.root.resolve() / 'metrics.json'}")
+    if args.ship:
+        print(f"shipped: {ship(args.root.resolve())}")
 
 
 if __name__ == "__main__":

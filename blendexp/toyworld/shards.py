@@ -20,6 +20,7 @@ from tqdm import tqdm
 from blendexp.data.format import ID_DIM, FaceSample, encode_sample, make_key
 from blendexp.toyworld.params import IDENTITY_DIM, Identity, sample_expression, sample_identity, sample_nuisance
 from blendexp.toyworld.render import render_face
+from blendexp.toyworld.video import make_clip
 
 GT_ID_MODEL = "toyworld-gt-projection-v1"
 
@@ -32,29 +33,43 @@ def gt_identity_embedding(identity: Identity, seed: int = 1234) -> np.ndarray:
     return emb / np.linalg.norm(emb)
 
 
+def _subject_faces(rng: np.random.Generator, identity: Identity, n: int, size: int,
+                   clip: bool) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(n, size, size, 3) faces and (n, 55) expressions: independent photos, or the frames of one clip."""
+    if clip:
+        c = make_clip(identity, rng, n, size, nuisance_strength=0.5)
+        return c.frames, c.expressions
+    exps, images = [], []
+    for _ in range(n):  # expression then conditions, photo by photo: the order the shipped sample was drawn in
+        exps.append(sample_expression(rng))
+        images.append(np.asarray(render_face(identity, exps[-1], sample_nuisance(rng, 0.5), size=size)))
+    return np.stack(images), np.stack(exps)
+
+
 def write_split(out: Path, split: str, subjects: range, per_subject: int, size: int, seed: int,
                 per_shard: int, embed: Callable[[np.ndarray], np.ndarray] | None = None,
-                id_model: str = GT_ID_MODEL) -> int:
-    """Render ``per_subject`` stills for each subject into ``<split>-%06d.tar`` shards; returns the count.
+                id_model: str = GT_ID_MODEL, clips: bool = False) -> int:
+    """Render ``per_subject`` faces for each subject into ``<split>-%06d.tar`` shards; returns the count.
 
-    ``embed`` maps one subject's (N, size, size, 3) uint8 faces to (N, 512) unit vectors, e.g. a trained toy
-    recogniser (then name it in ``id_model``); without it every face gets ``gt_identity_embedding``."""
+    Faces are independent stills, or with ``clips`` the frames of one talking-head clip per subject (one background
+    and slowly drifting pose and light: the Reference Adapter's (reference, target) pairs). ``embed`` maps one
+    subject's (N, size, size, 3) uint8 faces to (N, 512) unit vectors, e.g. a trained toy recogniser (then name it
+    in ``id_model``); without it every face gets ``gt_identity_embedding``."""
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for subject in tqdm(subjects, desc=f"toy {split}", unit="subject"):
             rng = np.random.default_rng([seed, subject])
             identity = sample_identity(rng)
-            exps, images = [], []
-            for _ in range(per_subject):
-                exps.append(sample_expression(rng))
-                images.append(np.asarray(render_face(identity, exps[-1], sample_nuisance(rng, 0.5), size=size)))
-            ids = embed(np.stack(images)) if embed else [gt_identity_embedding(identity)] * per_subject
+            images, exps = _subject_faces(rng, identity, per_subject, size, clips)
+            ids = embed(images) if embed else [gt_identity_embedding(identity)] * per_subject
             for i, (image, exp, id_emb) in enumerate(zip(images, exps, ids)):
-                meta = {"source": "toy", "subject": f"s{subject:05d}", "clip": None, "frame": 0,
-                        "image": f"i{i:03d}", "id_model": id_model, "exp_model": "toyworld-ground-truth"}
-                key = make_key("toy", f"s{subject:05d}", f"i{i:03d}", 0)
-                sink.write(encode_sample(FaceSample(key, image, id_emb, exp, meta)))
+                subj, name, frame = f"s{subject:05d}", "c000" if clips else f"i{i:03d}", i if clips else 0
+                meta = {"source": "toy", "subject": subj, "clip": name if clips else None, "frame": frame,
+                        "id_model": id_model, "exp_model": "toyworld-ground-truth"}
+                if not clips:
+                    meta["image"] = name
+                sink.write(encode_sample(FaceSample(make_key("toy", subj, name, frame), image, id_emb, exp, meta)))
                 n += 1
     return n
 

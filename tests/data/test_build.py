@@ -11,7 +11,9 @@ import pytest
 import torch
 from skimage.data import astronaut
 
-from blendexp.data.build import brace_form, build, choose_face, list_inputs
+from blendexp.data.annotate import choose_face
+from blendexp.data.build import brace_form, build
+from blendexp.data.inputs import list_inputs
 from blendexp.data.datamodule import read_tars
 from blendexp.data.format import EXP_DIM, ID_DIM, FaceSample, decode_sample
 from blendexp.faces.align import align_ffhq, arcface_crop

@@ -13,7 +13,7 @@ from blendexp.data.format import EXP_DIM, EYELIDS, JAW
 from blendexp.eval.annotators import Annotators
 from blendexp.eval.features import FID_WEIGHTS_URL, FIDInceptionV3, PixelFeatures, image_features, load_fid_inception
 from blendexp.eval.inputs import read_images
-from blendexp.eval.metrics import cosine_similarity, expression_errors, mean_ci, set_metrics
+from blendexp.eval.metrics import border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
 from tests.conftest import REPO
 
 SAMPLE = REPO / "data" / "sample" / "val-000000.tar"
@@ -104,3 +104,16 @@ def test_fid_inception_weights_missing_or_foreign(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(1)}, foreign)
     with pytest.raises(ValueError, match="not the FID Inception"):
         load_fid_inception(foreign)
+
+
+def test_background_distance_sees_only_the_border(faces: list[np.ndarray]) -> None:
+    face = faces[0]
+    centre_changed = face.copy()
+    centre_changed[16:48, 16:48] = 255 - centre_changed[16:48, 16:48]  # another expression: inside the band
+    border_changed = face.copy()
+    border_changed[:8] = 255 - border_changed[:8]  # another background: the top rows
+    d = border_l1([face, centre_changed, border_changed], [face, face, face])
+    assert d[0] == 0 and d[1] == 0
+    assert d[2] == pytest.approx(np.abs(255 - 2 * face[:8].astype(float)).mean() * 8 * 64 / (64 * 64 - 48 * 48) / 255)
+    small = np.asarray(face[::2, ::2])  # a reference of another size is resized first
+    assert border_l1([small], [face])[0] < 0.1

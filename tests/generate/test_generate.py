@@ -23,7 +23,7 @@ def test_default_command_writes_images_grid_and_settings(tmp_path: Path, tiny_ba
     res = run_cli("blendexp.generate", f"paths.outputs={tmp_path}", "run_name=default", "samples=2", *common)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "generate" / "default"
-    assert f"generated 8 images (4 expressions x 2 samples)" in res.stdout and str(run / "grid.png") in res.stdout
+    assert "generated 8 images (4 expressions x 2 samples)" in res.stdout and str(run / "grid.png") in res.stdout
     names = sorted(p.name for p in (run / "images").iterdir())
     assert names == sorted(f"{e}_{k}.png" for e in ("neutral", "smile", "surprise", "left_wink") for k in (0, 1))
     assert Image.open(run / "grid.png").size == (2 + 3 * 66, 2 + 4 * 66)  # identity column + 2 samples, 4 rows

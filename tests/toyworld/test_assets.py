@@ -17,7 +17,7 @@ from blendexp.toyworld.assets import ARCFACE, SMIRK, STEPS, TOY_ID_MODEL, Assets
 from tests.conftest import run_cli
 
 FILES = [ARCFACE, SMIRK, "renders/train.npz", "renders/heldout.npz", "vae/config.json",
-         "vae/diffusion_pytorch_model.safetensors", "shards/train-000000.tar", "shards/val-000000.tar",
+         "vae/diffusion_pytorch_model.safetensors", "shards/train-000000.tar", "shards/val-000000.tar", "clips/clips-000000.tar",
          "init/models/arc2face/config.json", "init/stable-diffusion-v1-5/vae/config.json",
          "base/models/arc2face/diffusion_pytorch_model.safetensors", "base/models/encoder/model.safetensors",
          "base/stable-diffusion-v1-5/vae/config.json", "base/stable-diffusion-v1-5/tokenizer/vocab.json",
@@ -64,6 +64,11 @@ def test_quick_build_writes_every_asset_in_the_real_formats(quick_build) -> None
     sample = decode_sample(raw)
     assert sample.meta["id_model"] == TOY_ID_MODEL and sample.image.shape == (64, 64, 3)
     assert np.linalg.norm(sample.id_emb) == pytest.approx(1.0, abs=1e-5)
+    frames = [decode_sample(r) for r in wds.WebDataset(str(root / "clips/clips-000000.tar"), shardshuffle=False)]
+    first = [f for f in frames if f.subject == frames[0].subject]
+    assert len(first) == 8 and len({f.clip for f in first}) == 1 and [f.meta["frame"] for f in first] == list(range(8))
+    edge = lambda f: np.concatenate([f.image[:4].reshape(-1, 3), f.image[-4:].reshape(-1, 3)]).astype(float)
+    assert np.abs(edge(first[0]) - edge(first[-1])).mean() < 0.5 * np.abs(edge(first[0]) - edge(frames[-1])).mean()
     for key in ("identity_encoder", "expression_encoder", "vae", "base", "timings"):
         assert key in metrics
 

@@ -1,0 +1,52 @@
+"""Closed loop at reduced size (``benchmarks/closed_loop.py`` is the full one): on the shipped toy base, both adapters
+are trained and evaluated through the entry points users call, scored by the shipped toy annotators.
+
+Asserted: the Expression Adapter keeps the identity (ID similarity >= 0.9x Arc2Face alone's) and all three ratios
+of issue 7 are measured. Not asserted, because the full benchmark does not reach them yet (README, toy world): the
+expression error <= 0.5x Arc2Face's and the Reference Adapter lowering the background distance to the reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blendexp.config import REPO_ROOT
+from blendexp.toyworld.assets import ARCFACE, SHIPPED_ROOT, TOY_ID_MODEL, toy_embedder
+from blendexp.toyworld.shards import write_split
+
+TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 300, 8, 40
+
+
+def toy_data(root: Path) -> Path:
+    """Stills for the Expression Adapter, clips for the Reference Adapter and held-out stills, embedded by the
+    shipped toy recogniser; validation identities come from another seed, so no model has seen them."""
+    common = dict(size=64, per_shard=1000, embed=toy_embedder(SHIPPED_ROOT / ARCFACE), id_model=TOY_ID_MODEL)
+    write_split(root / "shards", "train", range(TRAIN_SUBJECTS), per_subject=4, seed=0, **common)
+    write_split(root / "shards", "val", range(VAL_SUBJECTS), per_subject=4, seed=1, **common)
+    write_split(root / "clips", "clips", range(TRAIN_SUBJECTS, TRAIN_SUBJECTS + CLIP_SUBJECTS), per_subject=8, seed=0,
+                clips=True, **common)
+    return root
+
+
+@pytest.mark.slow
+def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path) -> None:
+    data = toy_data(tmp_path / "data")
+    cmd = [sys.executable, "benchmarks/closed_loop.py", "--toy", str(SHIPPED_ROOT), "--data", str(data),
+           "--out", str(tmp_path / "out"), "--expr-steps", "300", "--ref-steps", "150", "--batch-size", "16",
+           "--sources", "6", "--targets", "6", "--gen-steps", "10"]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "closed_loop.json").read_text())
+    assert set(result["methods"]) == {"arc2face", "expr_adapter", "expr_ref"}
+    assert {"eyelid.0", "eyelid.1", "jaw.0"} <= set(result["readable_components"])  # what the toy SMIRK reads
+    # The shipped base draws the identity it is given (about 0.3 cosine on the toy recogniser, 0 for strangers) and
+    # the adapter must not lose it; measured here: 1.06 at full size.
+    assert result["methods"]["arc2face"]["id_sim"] > 0.15
+    assert result["id_ratio"] >= 0.9 and result["id_goal_met"], result
+    for key in ("expr_ratio", "bg_l1_ref_vs_expr"):
+        assert 0 < result[key] < 10, result
+    assert "expr_adapter / arc2face expression error" in res.stdout
