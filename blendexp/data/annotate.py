@@ -65,11 +65,13 @@ class Annotator:
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         """Load every model named in the config; the detector threshold is halved to recognise "low score"."""
         self.cfg, face, device = cfg, cfg["face"], cfg["device"]
-        self.detector = build_detector(face["detector"], face.get("model_dir"), device=device)
+        threads = int(cfg["threads_per_worker"]) if int(cfg["num_workers"]) else None  # workers: one core each
+        self.detector = build_detector(face["detector"], face.get("model_dir"), device=device, threads=threads)
         kind = "mtcnn" if isinstance(self.detector, MTCNNDetector) else "insightface"
         self.min_score = float(face["min_score"] if face.get("min_score") is not None else DEFAULT_MIN_SCORE[kind])
         self.detector.min_score = self.min_score / 2  # see faces below the bar too, to tell "low score" from "no face"
-        self.recogniser = build_identity_encoder(cfg["identity"]["name"], cfg["identity"]["path"], device=device)
+        self.recogniser = build_identity_encoder(cfg["identity"]["name"], cfg["identity"]["path"], device=device,
+                                                 threads=threads)
         self.smirk = load_smirk(cfg["expression"]["smirk"], device=device)
         self.vae = None
         if cfg["latents"].get("vae"):

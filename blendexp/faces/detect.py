@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -78,6 +78,19 @@ def ort_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
 
 
+def ort_session_kwargs(device: str, threads: int | None = None) -> dict[str, Any]:
+    """Session arguments for insightface's loader: providers, and with ``threads`` a capped intra-op pool, so a
+    worker process given one core does not spread onto the others (ONNX Runtime uses every core by default)."""
+    kwargs: dict[str, Any] = {"providers": ort_providers(device)}
+    if threads:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
+        kwargs["sess_options"] = options
+    return kwargs
+
+
 def _sorted_faces(boxes: np.ndarray, scores: np.ndarray, points: np.ndarray, min_score: float) -> list[Face]:
     """Build ``Face`` records above ``min_score``, best first, so all backends order results alike."""
     faces = [
@@ -141,6 +154,7 @@ class InsightFaceDetector:
         min_score: float = DEFAULT_MIN_SCORE["insightface"],
         det_size: tuple[int, int] = (640, 640),
         device: str = "cpu",
+        threads: int | None = None,
     ):
         """Load the detector ONNX from ``model_dir``; raise FileNotFoundError naming what is missing."""
         from insightface.model_zoo import get_model
@@ -156,7 +170,7 @@ class InsightFaceDetector:
         self.path = path
         self.min_score = float(min_score)
         self.det_size = (int(det_size[0]), int(det_size[1]))
-        self.model = get_model(str(path), providers=ort_providers(device))
+        self.model = get_model(str(path), **ort_session_kwargs(device, threads))
         if getattr(self.model, "taskname", None) != "detection" or not getattr(self.model, "use_kps", False):
             raise ValueError(f"{path} is not an SCRFD detector with 5 keypoints (insightface gave {self.model!r})")
         self.model.prepare(ctx_id=0, det_thresh=self.min_score, input_size=self.det_size)
@@ -176,6 +190,7 @@ def build_detector(
     model_dir: str | Path | None = None,
     min_score: float | None = None,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> FaceDetector:
     """Build the configured detector: ``insightface``, ``mtcnn`` or ``auto`` (SCRFD if its ONNX exists, else MTCNN)."""
     if name == "auto":
@@ -193,7 +208,7 @@ def build_detector(
         if model_dir is None:
             raise ValueError(f"detector {name!r} needs model_dir; expected layout: {MODEL_LAYOUT}")
         score = DEFAULT_MIN_SCORE["insightface"] if min_score is None else min_score
-        detector = InsightFaceDetector(model_dir, min_score=score, device=device)
+        detector = InsightFaceDetector(model_dir, min_score=score, device=device, threads=threads)
         logger.info("face detector: SCRFD %s, min_score=%.2f", detector.path, score)
         return detector
     raise ValueError(f"unknown face detector {name!r}; choose 'auto', 'insightface' (alias 'scrfd') or 'mtcnn'")

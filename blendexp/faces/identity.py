@@ -18,7 +18,7 @@ from torch import nn
 
 from blendexp.data.format import ID_DIM
 from blendexp.faces.align import ARCFACE_SIZE
-from blendexp.faces.detect import ort_providers
+from blendexp.faces.detect import ort_session_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,13 @@ def _require_file(path: str | Path, what: str, hint: str) -> Path:
 class ArcFaceONNX:
     """An insightface recognition ONNX (1x3x112x112 -> 512) loaded and preprocessed by insightface itself."""
 
-    def __init__(self, path: str | Path, batch_size: int = 32, device: str = "cpu"):
+    def __init__(self, path: str | Path, batch_size: int = 32, device: str = "cpu", threads: int | None = None):
         """Load through ``insightface.model_zoo.get_model`` so its normalisation rules apply unchanged."""
         from insightface.model_zoo import get_model
         from insightface.model_zoo.arcface_onnx import ArcFaceONNX as InsightArcFace
 
         self.path = _require_file(path, "ArcFace ONNX", ARCFACE_HINT)
-        model = get_model(str(self.path), providers=ort_providers(device))
+        model = get_model(str(self.path), **ort_session_kwargs(device, threads))
         if not isinstance(model, InsightArcFace):
             raise ValueError(f"{self.path} is not a recognition model for insightface (loaded {model!r})")
         out_dim = model.output_shape[-1]
@@ -142,10 +142,11 @@ class FacenetRecognizer:
         return _l2_normalise(out)
 
 
-def build_identity_encoder(name: str, path: str | Path, device: str = "cpu") -> IdentityEncoder:
-    """Build the identity encoder named in the config: ``arcface`` (ONNX) or ``facenet`` (state dict)."""
+def build_identity_encoder(name: str, path: str | Path, device: str = "cpu",
+                           threads: int | None = None) -> IdentityEncoder:
+    """Build the identity encoder named in the config: ``arcface`` (ONNX) or ``facenet`` (state dict, torch threads)."""
     if name == "arcface":
-        return ArcFaceONNX(path, device=device)
+        return ArcFaceONNX(path, device=device, threads=threads)
     if name == "facenet":
         return FacenetRecognizer(path, device=device)
     raise ValueError(f"unknown identity encoder {name!r}; choose 'arcface' or 'facenet'")

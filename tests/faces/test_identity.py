@@ -61,6 +61,13 @@ def test_exported_recogniser_matches_torch(tmp_path: Path, crops: np.ndarray) ->
     assert encoder.embed(crops[:0]).shape == (0, 512)
 
 
+def test_worker_threads_cap_onnx_runtime(tmp_path: Path, crops: np.ndarray) -> None:
+    path = export_arcface_onnx(_tiny_recogniser(), tmp_path / "arcface.onnx")
+    capped = build_identity_encoder("arcface", path, threads=1)  # what a build worker asks for: one core
+    assert capped.model.session.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_allclose(capped.embed(crops), ArcFaceONNX(path).embed(crops), atol=1e-6)
+
+
 def test_export_rejects_wrong_output_size(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="512"):
         export_arcface_onnx(nn.Sequential(nn.Flatten(), nn.LazyLinear(128)), tmp_path / "bad.onnx")
