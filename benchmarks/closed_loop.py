@@ -4,7 +4,8 @@
 
 ``--toy`` is the root ``python -m blendexp.toyworld.assets`` builds: the trained toy Arc2Face base (``base/``), its
 still shards (``shards/``), talking-head clip shards (``clips/``), the toy ArcFace ONNX and SMIRK checkpoint in the
-official layout (``annotators/``) and the build's ``metrics.json``. Through the user entry points, the benchmark
+official layout (``annotators/``) and the build's ``metrics.json``; or the repository's copy ``data/toy`` (models
+only: then ``--data`` names a folder with ``shards/`` and ``clips/``). Through the user entry points, the benchmark
 trains an Expression Adapter on the base and stills, then a Reference Adapter on clip pairs with that Expression
 Adapter frozen (each reused when its run folder already holds an export), and evaluates ``arc2face``,
 ``expr_adapter`` and ``expr_ref`` on held-out toy faces × the expressions of other held-out faces.
@@ -31,10 +32,19 @@ REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, ID_GOAL, READABLE = 0.5, 0.9, 0.5
 
 
-def missing_assets(toy: Path, data: Path) -> list[str]:
+def toy_layout(toy: Path) -> dict[str, Path]:
+    """Where each model is: in the repository's copy (data/toy, one official models folder) or in a build root."""
+    shipped = (toy / "models" / "arc2face").is_dir()
+    models = toy / "models" if shipped else toy / "base" / "models"
+    annotators = models if shipped else toy / "annotators"
+    return {"models": models, "sd15": models.parent / "stable-diffusion-v1-5", "metrics": toy / "metrics.json",
+            "arcface": annotators / "antelopev2/arcface.onnx", "smirk": annotators / "smirk/SMIRK_em1.pt"}
+
+
+def missing_assets(toy: dict[str, Path], data: Path) -> list[str]:
     """Every toy-world file the check needs that is not there."""
-    need = [toy / "annotators/antelopev2/arcface.onnx", toy / "annotators/smirk/SMIRK_em1.pt", toy / "metrics.json",
-            toy / "base/models/arc2face/config.json", toy / "base/stable-diffusion-v1-5/vae/config.json"]
+    need = [toy["arcface"], toy["smirk"], toy["metrics"], toy["models"] / "arc2face/config.json",
+            toy["sd15"] / "vae/config.json"]
     missing = [str(p) for p in need if not p.is_file()]
     missing += [str(data / folder / f"{split}-*.tar") for folder, split in (("shards", "train"), ("shards", "val"),
                                                                             ("clips", "clips"))
@@ -42,15 +52,15 @@ def missing_assets(toy: Path, data: Path) -> list[str]:
     return missing
 
 
-def readable_components(toy: Path) -> list[str]:
+def readable_components(toy: dict[str, Path]) -> list[str]:
     """FLAME components the toy SMIRK reads: held-out MAE at most ``READABLE`` x the mean predictor's."""
-    per = json.loads((toy / "metrics.json").read_text())["expression_encoder"]["per_component_mae_vs_mean_predictor"]
+    per = json.loads(toy["metrics"].read_text())["expression_encoder"]["per_component_mae_vs_mean_predictor"]
     return [name.split(" (")[0] for name, (mae, mean) in per.items() if mae <= READABLE * mean]
 
 
-def base_overrides(toy: Path) -> list[str]:
-    """Point an entry point at the trained toy base instead of the tiny random one."""
-    return [f"paths.models={toy}/base/models", f"paths.sd15={toy}/base/stable-diffusion-v1-5"]
+def base_overrides(toy: dict[str, Path]) -> list[str]:
+    """Point an entry point at the trained toy base (whatever the embedded default is)."""
+    return [f"paths.models={toy['models']}", f"paths.sd15={toy['sd15']}"]
 
 
 def run(module: str, *overrides: str) -> None:
@@ -60,7 +70,7 @@ def run(module: str, *overrides: str) -> None:
         sys.exit(f"{module} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def train(experiment: str, out: Path, toy: Path, data: Path, steps: int, device: str, *overrides: str) -> Path:
+def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: int, device: str, *overrides: str) -> Path:
     """One adapter's run folder, trained now unless a finished export is already there."""
     run_dir = out / experiment / "closed_loop"
     if (run_dir / "export").is_dir() and any((run_dir / "export").iterdir()):
@@ -73,9 +83,9 @@ def train(experiment: str, out: Path, toy: Path, data: Path, steps: int, device:
     return run_dir
 
 
-def evaluate(out: Path, toy: Path, data: Path, expr: Path, ref: Path, a: argparse.Namespace) -> Path:
+def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path, a: argparse.Namespace) -> Path:
     """All three methods on held-out toy faces, scored by the toy annotators; the report folder."""
-    shards, assets = data / "shards", toy / "annotators"
+    shards = data / "shards"
     run("blendexp.evaluate", "run_name=closed_loop", f"paths.outputs={out}", f"device={a.device}",
         *base_overrides(toy), "eval.base.tiny_root=null",
         f"eval.sources.path={shards}/val-*.tar", f"eval.sources.limit={a.sources}",
@@ -84,7 +94,7 @@ def evaluate(out: Path, toy: Path, data: Path, expr: Path, ref: Path, a: argpars
         f"eval.generation.samples={a.samples}", f"eval.methods.expr_adapter.adapter={expr}",
         f"eval.methods.expr_ref.ref_adapter={ref}", f"eval.methods.expr_ref.exp_adapter={expr}/export",
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null",
-        f"eval.annotators.arcface={assets}/antelopev2/arcface.onnx", f"eval.annotators.smirk={assets}/smirk/SMIRK_em1.pt")
+        f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}")
     return out / "evaluate" / "closed_loop"
 
 
@@ -122,12 +132,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
     a = p.parse_args()
-    toy, out = a.toy.resolve(), a.out.resolve()
+    toy, out = toy_layout(a.toy.resolve()), a.out.resolve()
     data = (a.data or a.toy).resolve()
     missing = missing_assets(toy, data)
     if missing:
         sys.exit("closed loop: toy-world assets missing:\n  " + "\n  ".join(missing) + "\nBuild them first: "
-                 f"python -m blendexp.toyworld.assets --root {toy}")
+                 f"python -m blendexp.toyworld.assets --root {a.toy}")
     expr = train("expr_adapter", out, toy, data, a.expr_steps, a.device, f"data.batch_size={a.batch_size}",
                  f"data.sources.stills.shards={data}/shards/train-*.tar")
     # clip frames pair within their clip; the held-out stills (validation) pair within their subject

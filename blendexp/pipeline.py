@@ -164,7 +164,7 @@ class ExpressionPipeline:
         ``expression_adapter``: an ``exp_adapter`` file or folder, training run folder or ``.ckpt``; None takes the one
         trained with the reference LoRA, else ``<models>/exp_adapter``, else a fresh untrained one (seeded).
         ``reference_adapter``: None/False off; True ``<models>/ref_adapter`` (else an untrained LoRA); or a path.
-        ``tiny_root``: write the tiny random base there on first use and load it (the embedded default).
+        ``tiny_root``: write a tiny random base there on first use and load it instead (tests, bug reports).
         ``annotators``: ``build_annotators`` settings (``tiny_root``, ``detector``, ``arcface``, ``smirk``, ...);
         None uses the official layout under ``models_dir``.
         """
@@ -197,7 +197,7 @@ class ExpressionPipeline:
 
     @property
     def native_size(self) -> int:
-        """The image size the base was trained at (512 for Arc2Face, 64 for the tiny base)."""
+        """The image size the base was trained at (512 for Arc2Face, 64 for the toy and tiny bases)."""
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
     @property

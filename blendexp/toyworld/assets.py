@@ -374,25 +374,31 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
     _write_if_changed(root / "README.md", "\n".join(lines) + "\n")
 
 
-SHIPPED = (str(ARCFACE), str(SMIRK), "base/models", "base/stable-diffusion-v1-5", "metrics.json", "README.md")
 SHIPPED_ROOT = REPO_ROOT / "data" / "toy"
+# what the repository carries, laid out as one official models folder + SD 1.5 folder: shipped path -> build path
+SHIPPED = {"models/arc2face": "base/models/arc2face", "models/encoder": "base/models/encoder",
+           "models/antelopev2/arcface.onnx": str(ARCFACE), "models/smirk/SMIRK_em1.pt": str(SMIRK),
+           "stable-diffusion-v1-5": "base/stable-diffusion-v1-5", "metrics.json": "metrics.json",
+           "README.md": "README.md"}
 
 
 def ship(root: Path, dest: Path = SHIPPED_ROOT) -> Path:
-    """Copy the trained annotators, the toy base and the build's report (about 25 MB) to ``dest``, the copy the
-    repository carries so that tests and benchmarks can use trained toy models without a 30-minute build."""
-    missing = [str(root / f) for f in SHIPPED if not (root / f).exists()]
+    """Copy the trained annotators, the toy base and the build's report (about 25 MB) to ``dest`` in the official
+    layout (``models/{arc2face,encoder,antelopev2,smirk}``, ``stable-diffusion-v1-5/``): the copy the repository
+    carries, so entry points, tests and benchmarks use trained toy models without a 30-minute build."""
+    missing = [str(root / f) for f in SHIPPED.values() if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"cannot ship an incomplete build; missing: {', '.join(missing)}")
     if dest.exists():
         shutil.rmtree(dest)
-    for rel in SHIPPED:
+    for rel, src in SHIPPED.items():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        copy = shutil.copytree if (root / rel).is_dir() else shutil.copy2
-        copy(root / rel, dest / rel)
-    note = (f"The repository's copy of a full build ({', '.join(SHIPPED[:4])}; the build's report below), made with "
-            "`python -m blendexp.toyworld.assets --ship`. Renders, shards and clips are not shipped: the build "
-            "remakes them deterministically in a minute.\n\n")
+        copy = shutil.copytree if (root / src).is_dir() else shutil.copy2
+        copy(root / src, dest / rel)
+    note = ("The repository's copy of a full build, laid out as an official models folder (`models/`: arc2face, "
+            "encoder, antelopev2/arcface.onnx, smirk/SMIRK_em1.pt) and SD 1.5 folder (`stable-diffusion-v1-5/`), "
+            "made with `python -m blendexp.toyworld.assets --ship`; the build's report follows (its paths are the "
+            "build root's). Renders, shards and clips are not shipped: the build remakes them in a minute.\n\n")
     readme = (dest / "README.md").read_text()
     (dest / "README.md").write_text(readme.replace("\n\n", "\n\n" + note, 1))
     return dest

@@ -75,7 +75,9 @@ def write_split(out: Path, split: str, subjects: range, per_subject: int, size: 
 
 
 def main() -> None:
-    """CLI: deterministic sample shards (defaults reproduce the shipped data/sample)."""
+    """CLI: deterministic sample shards (data/sample/README.md gives the command that made the shipped ones)."""
+    from blendexp.toyworld.assets import TOY_ID_MODEL, toy_embedder  # the assets module imports this one
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--train-subjects", type=int, default=48)
@@ -84,14 +86,19 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--per-shard", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arcface", type=Path, default=None,
+                   help="embed faces with this recogniser ONNX (e.g. data/toy/models/antelopev2/arcface.onnx, the "
+                        "trained toy one) instead of the fixed projection of the true identity")
     a = p.parse_args()
-    n_train = write_split(a.out, "train", range(a.train_subjects), a.per_subject, a.size, a.seed, a.per_shard)
+    embed = dict(embed=toy_embedder(a.arcface), id_model=TOY_ID_MODEL) if a.arcface else {}
+    n_train = write_split(a.out, "train", range(a.train_subjects), a.per_subject, a.size, a.seed, a.per_shard, **embed)
     n_val = write_split(a.out, "val", range(a.train_subjects, a.train_subjects + a.val_subjects), a.per_subject,
-                        a.size, a.seed, a.per_shard)
+                        a.size, a.seed, a.per_shard, **embed)
     (a.out / "README.md").write_text(
         "Toy-world sample shards (shard contract v1), made by\n\n"
         f"    python -m blendexp.toyworld.shards {a.out} --train-subjects {a.train_subjects} --val-subjects "
-        f"{a.val_subjects} --per-subject {a.per_subject} --size {a.size} --per-shard {a.per_shard} --seed {a.seed}\n\n"
+        f"{a.val_subjects} --per-subject {a.per_subject} --size {a.size} --per-shard {a.per_shard} --seed {a.seed}"
+        f"{f' --arcface {a.arcface}' if a.arcface else ''}\n\n"
         f"{n_train} training and {n_val} validation faces; subjects are disjoint between splits.\n")
     print(json.dumps({"train": n_train, "val": n_val, "out": str(a.out)}))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blendexp.config import REPO_ROOT
-from blendexp.toyworld.assets import ARCFACE, SHIPPED_ROOT, TOY_ID_MODEL, toy_embedder
+from blendexp.toyworld.assets import SHIPPED_ROOT, TOY_ID_MODEL, toy_embedder
 from blendexp.toyworld.shards import write_split
 
 TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 300, 8, 40
@@ -24,7 +24,7 @@ TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 300, 8, 40
 def toy_data(root: Path) -> Path:
     """Stills for the Expression Adapter, clips for the Reference Adapter and held-out stills, embedded by the
     shipped toy recogniser; validation identities come from another seed, so no model has seen them."""
-    common = dict(size=64, per_shard=1000, embed=toy_embedder(SHIPPED_ROOT / ARCFACE), id_model=TOY_ID_MODEL)
+    common = dict(size=64, per_shard=1000, embed=toy_embedder(SHIPPED_ROOT / "models/antelopev2/arcface.onnx"), id_model=TOY_ID_MODEL)
     write_split(root / "shards", "train", range(TRAIN_SUBJECTS), per_subject=4, seed=0, **common)
     write_split(root / "shards", "val", range(VAL_SUBJECTS), per_subject=4, seed=1, **common)
     write_split(root / "clips", "clips", range(TRAIN_SUBJECTS, TRAIN_SUBJECTS + CLIP_SUBJECTS), per_subject=8, seed=0,

@@ -70,8 +70,9 @@ def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny
         (external / "astronaut").mkdir(parents=True, exist_ok=True)
         Image.fromarray(face).save(external / "astronaut" / f"{target}_0.png")
     run = tmp_path / "run"
-    cfg = eval_config(run, f"paths.tiny_base={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}",
-                      *SHRINK, f"eval.sources.path={sources}", f"eval.targets.path={flame}",
+    # the tiny random base (its noise has no face) and tiny annotators including the second recogniser (facenet)
+    cfg = eval_config(run, f"eval.base.tiny_root={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}",
+                      "eval.annotators.facenet=tiny", *SHRINK, f"eval.sources.path={sources}", f"eval.targets.path={flame}",
                       "eval.targets.offset=0", "eval.targets.limit=null",
                       "eval.annotators.detector=mtcnn", "eval.generation.samples=1", "~eval.methods.expr_adapter",
                       "~eval.methods.expr_ref", f"+eval.methods.copies={{kind: folder, path: {external}}}")

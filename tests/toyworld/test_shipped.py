@@ -12,9 +12,10 @@ import pytest
 from blendexp.faces.expression import load_smirk
 from blendexp.faces.identity import ArcFaceONNX
 from blendexp.toyworld.annotators import base_id_similarity, expression_metrics, identity_metrics
-from blendexp.toyworld.assets import ARCFACE, SHIPPED, SHIPPED_ROOT, SMIRK, render_set
+from blendexp.toyworld.assets import SHIPPED, SHIPPED_ROOT, render_set
 from blendexp.toyworld.params import sample_expression
 
+ARCFACE, SMIRK = SHIPPED_ROOT / "models/antelopev2/arcface.onnx", SHIPPED_ROOT / "models/smirk/SMIRK_em1.pt"
 FRESH_STREAM = 7  # identities no build step trained or measured on (streams 1 and 2 are the build's renders)
 
 
@@ -24,8 +25,12 @@ def fresh() -> dict[str, np.ndarray]:
     return render_set(seed=0, stream=FRESH_STREAM, subjects=range(16), per_subject=4, size=128, nuisance=1.0)
 
 
-def test_every_shipped_file_is_there_with_its_report() -> None:
+def test_every_shipped_file_is_there_in_the_official_layout() -> None:
+    from blendexp.models.arc2face import Arc2FaceBase
+
     assert [f for f in SHIPPED if not (SHIPPED_ROOT / f).exists()] == []
+    base = Arc2FaceBase.from_pretrained(str(SHIPPED_ROOT / "models"), str(SHIPPED_ROOT / "stable-diffusion-v1-5"))
+    assert base.scheduler.config.prediction_type == "v_prediction"
     readme = (SHIPPED_ROOT / "README.md").read_text()
     assert "python -m blendexp.toyworld.assets" in readme  # says how the files were made
     metrics = json.loads((SHIPPED_ROOT / "metrics.json").read_text())
@@ -34,12 +39,12 @@ def test_every_shipped_file_is_there_with_its_report() -> None:
 
 def test_shipped_annotators_read_unseen_faces() -> None:
     faces = render_set(seed=0, stream=FRESH_STREAM, subjects=range(16, 40), per_subject=4, size=128, nuisance=1.0)
-    ident = identity_metrics(ArcFaceONNX(SHIPPED_ROOT / ARCFACE), faces["images"], faces["labels"])
+    ident = identity_metrics(ArcFaceONNX(ARCFACE), faces["images"], faces["labels"])
     # Build on 48 held-out identities: AUC 1.000, accuracy 0.997 (chance 0.5 for both).
     assert ident["roc_auc"] > 0.95 and ident["verification_accuracy"] > 0.9
     rng = np.random.default_rng(1)
     prior_mean = np.mean([sample_expression(rng) for _ in range(5000)], axis=0)  # the best constant prediction
-    exp = expression_metrics(load_smirk(SHIPPED_ROOT / SMIRK), faces["images"], faces["expressions"], prior_mean)
+    exp = expression_metrics(load_smirk(SMIRK), faces["images"], faces["expressions"], prior_mean)
     per = exp["per_component_mae_vs_mean_predictor"]
     # Build: MAE 0.78x the mean predictor's overall; eyelids and jaw opening 0.2-0.3x. On 96 faces: clear margins.
     assert exp["mae"] < 0.9 * exp["mean_predictor_mae"]
@@ -48,7 +53,7 @@ def test_shipped_annotators_read_unseen_faces() -> None:
 
 
 def test_shipped_base_draws_the_identity_it_is_given(fresh, tmp_path: Path) -> None:
-    m = base_id_similarity(SHIPPED_ROOT / "base", SHIPPED_ROOT / ARCFACE, fresh, size=64, identities=16, samples=1,
+    m = base_id_similarity(SHIPPED_ROOT, ARCFACE, fresh, size=64, identities=16, samples=1,
                            steps=10, guidance=3.0, seed=0, grid=tmp_path / "grid.png")
     # Build (48 identities x 2 seeds, 20 steps): matched 0.30 vs 0.00 for other identities, AUC 0.86. A base that
     # ignores the ID (the epsilon-prediction recipe) scores AUC 0.52; 0.7 is far from both with 16 x 15 pairs.
