@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from blendexp.callbacks import to_uint8
 from blendexp.toyworld.fitting import fit
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,6 @@ class VaeTraining:
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1], the VAE's input range."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] → uint8 (N, H, W, 3), the inverse of ``to_pixels`` (clipped)."""
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def train_vae(images: np.ndarray, cfg: VaeTraining, seed: int) -> AutoencoderKL:
