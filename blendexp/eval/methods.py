@@ -139,7 +139,8 @@ class Arc2FaceMethod:
 
     def settings(self) -> dict[str, Any]:
         """Everything that decides the images (written to the cache manifest)."""
-        return {"kind": self.kind, "base": self.base_cfg, "seed": self.seed, **asdict(self.gen), **self.options}
+        return {"kind": self.kind, "base": self.base_cfg, "seed": self.seed, "seeding": "pair_seed",
+                **asdict(self.gen), **self.options}
 
     def load_base(self) -> Arc2FaceBase:
         """The base in the configured dtype; with ``tiny_root`` the tiny random base is written there first."""

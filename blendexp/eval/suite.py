@@ -1,7 +1,7 @@
 """The evaluation protocol: every method generates N fixed-seed samples per (source face, target expression) pair,
 cached on disk, and every image is scored with the same annotators.
 
-Generations live at ``<run>/generations/<method>/<source>/<target>_<k>.png`` (seed = ``seed + k``) next to a
+Generations live at ``<run>/generations/<method>/<source>/<target>_<k>.png`` (seeded by ``pair_seed``) next to a
 ``settings.json`` manifest: an image on disk is never generated again, so a re-run only scores and an interrupted
 run resumes; a manifest that disagrees with the configuration stops the run instead of mixing settings.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -166,6 +167,13 @@ def check_manifest(folder: Path, settings: dict[str, Any]) -> None:
         manifest.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
+def pair_seed(seed: int, source: str, target: str, k: int) -> int:
+    """Sample ``k``'s seed for one (source, target) pair: the same for every method (paired comparisons), different
+    across pairs (independent samples for the confidence intervals), stable under reordering of the test set."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(source.encode()), zlib.crc32(target.encode()), k])
+               .generate_state(1)[0])
+
+
 def generation_path(folder: Path, source: str, target: str, k: int) -> Path:
     """Where one generated image lives (the layout external baselines use too)."""
     return folder / source / f"{target}_{k}.png"
@@ -184,7 +192,8 @@ def generate_missing(method: Arc2FaceMethod, test: EvalSet, folder: Path, sample
     for batch in tqdm(list(chunks(todo, batch_size)), desc=f"generate {method.name}", disable=None):
         srcs, tgts = [test.sources[s] for s, _, _ in batch], [test.targets[t] for _, t, _ in batch]
         images = method.generate(np.stack([s.arcface for s in srcs]), np.stack([t.exp for t in tgts]),
-                                 [s.image for s in srcs], [seed + k for _, _, k in batch])
+                                 [s.image for s in srcs],
+                                 [pair_seed(seed, s.name, t.name, k) for s, t, (_, _, k) in zip(srcs, tgts, batch)])
         for (s, t, k), image in zip(batch, images):
             path = generation_path(folder, test.sources[s].name, test.targets[t].name, k)
             path.parent.mkdir(parents=True, exist_ok=True)

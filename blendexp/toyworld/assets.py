@@ -5,8 +5,8 @@ step with an unchanged fingerprint is skipped; ``--force`` rebuilds everything):
 
   renders     toy faces with random expressions and photo conditions (annotator training + held-out identities)
   identity    toy recogniser (margin softmax) → annotators/antelopev2/arcface.onnx (insightface's signature)
-  expression  SMIRK-architecture encoder → annotators/smirk/SMIRK_em1.pt (SMIRK's keys)
   vae         small AutoencoderKL (8x, 4 channels, scaling_factor = 1/std of its latents) → vae/
+  expression  SMIRK-architecture encoder, trained on renders and their VAE round trips → annotators/smirk/SMIRK_em1.pt
   shards      64 px toy stills whose id.npy come from the toy recogniser → shards/{train,val}-*.tar
   clips       64 px frames of one talking-head clip per further subject, same embeddings → clips/clips-*.tar
   init        tiny random Arc2Face base with the toy VAE, official layout → init/
@@ -53,7 +53,7 @@ TOY_ID_MODEL = "toyworld-toyfacenet-arcface-onnx"
 class BaseTraining:
     """Overrides for ``+experiment=toy_base`` plus how the trained base is measured."""
 
-    steps: int = 1200
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     overrides: tuple[str, ...] = ()  # any further Hydra overrides
@@ -90,8 +90,9 @@ class AssetsConfig:
 FULL = AssetsConfig()
 QUICK = AssetsConfig(
     train_subjects=60, train_per_subject=8, heldout_subjects=12, heldout_per_subject=4,
-    identity=IdentityTraining(steps=60, batch_size=32), expression=ExpressionTraining(steps=300, batch_size=16),
-    vae=VaeTraining(steps=400), shard_subjects=24, shard_per_subject=4, val_shard_subjects=4, per_shard=48,
+    identity=IdentityTraining(steps=60, batch_size=32),
+    expression=ExpressionTraining(steps=300, batch_size=16, decoded_p=0.2, blur_p=0.1),
+    vae=VaeTraining(steps=400, width=16), shard_subjects=24, shard_per_subject=4, val_shard_subjects=4, per_shard=48,
     clip_subjects=8, clip_frames=8,
     base=BaseTraining(steps=20, batch_size=8, eval_identities=6, eval_samples=1, eval_steps=4),
 )
@@ -147,16 +148,14 @@ def _identity(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     return identity_metrics(ArcFaceONNX(path), held["images"], held["labels"])
 
 
-def _expression(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
-    """Train the SMIRK-architecture encoder, save SMIRK_em1.pt and measure it as ``load_smirk`` returns it."""
-    from blendexp.faces.expression import load_smirk, save_smirk_checkpoint
-    from blendexp.toyworld.annotators import expression_metrics, train_expression_encoder
+def decoded(vae_dir: Path, images: np.ndarray, size: int) -> np.ndarray:
+    """``images`` shrunk to ``size`` px and passed through a trained toy VAE (round trip, posterior mean)."""
+    from diffusers import AutoencoderKL
 
-    train = load_renders(root, "train")
-    model = train_expression_encoder(train["images"], train["expressions"], cfg.expression, cfg.seed)
-    path = save_smirk_checkpoint(model, root / SMIRK)
-    held = load_renders(root, "heldout")
-    return expression_metrics(load_smirk(path), held["images"], held["expressions"], train["expressions"].mean(0))
+    from blendexp.toyworld.annotators import shrink
+    from blendexp.toyworld.autoencoder import round_trip
+
+    return round_trip(AutoencoderKL.from_pretrained(vae_dir), np.stack([shrink(im, size) for im in images]))
 
 
 def _vae(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
@@ -172,6 +171,21 @@ def _vae(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     vae.save_pretrained(root / "vae")
     held = np.stack([shrink(im, cfg.image_size) for im in load_renders(root, "heldout")["images"]])
     return vae_metrics(AutoencoderKL.from_pretrained(root / "vae"), held, train.astype(np.float64).mean(0))
+
+
+def _expression(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
+    """Train the SMIRK-architecture encoder on renders and their VAE round trips, save SMIRK_em1.pt and measure it
+    as ``load_smirk`` returns it."""
+    from blendexp.faces.expression import load_smirk, save_smirk_checkpoint
+    from blendexp.toyworld.annotators import expression_metrics, train_expression_encoder
+
+    train = load_renders(root, "train")
+    train_decoded = decoded(root / "vae", train["images"], cfg.image_size)
+    model = train_expression_encoder(train["images"], train_decoded, train["expressions"], cfg.expression, cfg.seed)
+    path = save_smirk_checkpoint(model, root / SMIRK)
+    held = load_renders(root, "heldout")
+    return expression_metrics(load_smirk(path), held["images"], decoded(root / "vae", held["images"], cfg.image_size),
+                              held["expressions"], train["expressions"].mean(0))
 
 
 # ------------------------------------------------------------------------------------------------- base
@@ -250,8 +264,9 @@ def _renders_settings(c: AssetsConfig) -> dict[str, Any]:
 STEPS = (
     Step("renders", _renders, (), ("renders",), _renders_settings),
     Step("identity", _identity, ("renders",), (str(ARCFACE),), lambda c: (c.seed, asdict(c.identity))),
-    Step("expression", _expression, ("renders",), (str(SMIRK),), lambda c: (c.seed, asdict(c.expression))),
     Step("vae", _vae, ("renders",), ("vae",), lambda c: (c.seed, c.image_size, asdict(c.vae))),
+    Step("expression", _expression, ("renders", "vae"), (str(SMIRK),),
+         lambda c: (c.seed, c.image_size, asdict(c.expression))),
     Step("shards", _shards, ("identity",), ("shards",),
          lambda c: (c.seed, c.image_size, c.shard_subjects, c.shard_per_subject, c.val_shard_subjects, c.per_shard)),
     Step("clips", _clips, ("identity",), ("clips",),
@@ -319,7 +334,8 @@ def headline(records: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {
         "identity encoder": f"ROC AUC {i['roc_auc']:.3f} (64 px: {i['roc_auc_64px']:.3f}), verification accuracy "
                             f"{i['verification_accuracy']:.3f} — chance 0.5; {i['identities']} held-out identities",
-        "expression encoder": f"MAE {e['mae']:.3f} on the mapped components (64 px: {e['mae_64px']:.3f}) vs "
+        "expression encoder": f"MAE {e['mae']:.3f} on the mapped components (64 px: {e['mae_64px']:.3f}, VAE round "
+                              f"trips: {e['mae_decoded']:.3f}) vs "
                               f"{e['mean_predictor_mae']:.3f} for the mean predictor (ratio {e['mae_ratio']:.2f})",
         "VAE": f"PSNR {v['psnr']:.1f} dB vs {v['mean_image_psnr']:.1f} dB for the mean image; "
                f"scaling_factor {v['scaling_factor']:.4f}",
@@ -354,7 +370,8 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
              f"| {ARCFACE} | identity encoder (ToyFaceNet, 1x3x112x112 → 512) | CosFace margin softmax, "
              f"{cfg.identity.steps} steps x {cfg.identity.batch_size}; ArcFace crops of aligned faces |",
              f"| {SMIRK} | expression encoder (SMIRK's MobileNetV3 + Linear(960, 55)) | range-scaled MSE on the "
-             f"55 values, {cfg.expression.steps} steps x {cfg.expression.batch_size}; SMIRK crops |",
+             f"55 values, {cfg.expression.steps} steps x {cfg.expression.batch_size}; SMIRK crops of renders, 64 px, "
+             "blurred and VAE round-trip faces |",
              f"| vae/ | AutoencoderKL (8x, 4 latent channels) | MSE + KL, {cfg.vae.steps} steps x "
              f"{cfg.vae.batch_size} at {cfg.image_size} px; scaling_factor = 1/std of its latents |",
              f"| shards/ | {cfg.shard_subjects}x{cfg.shard_per_subject} train, {cfg.val_shard_subjects}x"
@@ -385,7 +402,7 @@ SHIPPED = {"models/arc2face": "base/models/arc2face", "models/encoder": "base/mo
 def ship(root: Path, dest: Path = SHIPPED_ROOT) -> Path:
     """Copy the trained annotators, the toy base and the build's report (about 25 MB) to ``dest`` in the official
     layout (``models/{arc2face,encoder,antelopev2,smirk}``, ``stable-diffusion-v1-5/``): the copy the repository
-    carries, so entry points, tests and benchmarks use trained toy models without a 30-minute build."""
+    carries, so entry points, tests and benchmarks use trained toy models without the hour-long build."""
     missing = [str(root / f) for f in SHIPPED.values() if not (root / f).exists()]
     if missing:
         raise FileNotFoundError(f"cannot ship an incomplete build; missing: {', '.join(missing)}")

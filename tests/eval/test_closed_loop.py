@@ -2,8 +2,9 @@
 are trained and evaluated through the entry points users call, scored by the shipped toy annotators.
 
 Asserted: the Expression Adapter keeps the identity (ID similarity >= 0.9x Arc2Face alone's) and all three ratios
-of issue 7 are measured. Not asserted, because the full benchmark does not reach them yet (README, toy world): the
-expression error <= 0.5x Arc2Face's and the Reference Adapter lowering the background distance to the reference."""
+of issue 7 are measured. Not asserted: the expression error <= 0.5x Arc2Face's (the full benchmark does not reach it
+yet: README, closed loop) and the Reference Adapter lowering the background distance to the reference (met at full
+size, 0.78x, but only 0.99x after this test's 150 steps: too close to 1 to assert)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,10 @@ def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "closed_loop.json").read_text())
     assert set(result["methods"]) == {"arc2face", "expr_adapter", "expr_ref"}
-    assert {"eyelid.0", "eyelid.1", "jaw.0"} <= set(result["readable_components"])  # what the toy SMIRK reads
-    # The shipped base draws the identity it is given (about 0.3 cosine on the toy recogniser, 0 for strangers) and
-    # the adapter must not lose it; measured here: 1.06 at full size.
-    assert result["methods"]["arc2face"]["id_sim"] > 0.15
+    assert "jaw.0" in result["readable_components"]  # what the toy SMIRK reads on decoded faces
+    # The shipped base draws the identity it is given (about 0.45 cosine on the toy recogniser, 0 for strangers) and
+    # the adapter must not lose it; measured: 0.96 here, 0.95 at full size.
+    assert result["methods"]["arc2face"]["id_sim"] > 0.3
     assert result["id_ratio"] >= 0.9 and result["id_goal_met"], result
     for key in ("expr_ratio", "bg_l1_ref_vs_expr"):
         assert 0 < result[key] < 10, result

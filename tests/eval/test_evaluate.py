@@ -41,6 +41,11 @@ def test_default_command_writes_report_and_reruns_from_cache(tmp_path: Path, tin
     tables = list((run / "wandb").glob("offline-run-*/files/media/table/eval/results_*.table.json"))
     assert tables and json.loads(tables[0].read_text())["data"][0][0] == "arc2face"
     assert list((run / "wandb").glob("offline-run-*/files/media/images/eval/grids_*.png"))
+    # Each pair has its own noise: Arc2Face ignores the target, so one source's images differ only by their seeds.
+    source = min(d for d in (run / "generations" / "arc2face").iterdir() if d.is_dir())
+    one_source = sorted(source.glob("*_0.png"))
+    assert len(one_source) == 3
+    assert len({np.asarray(Image.open(p)).tobytes() for p in one_source}) == 3
 
     # Same command again (in-process) after losing one image: only that image is generated, nothing else is touched.
     before = _pngs(run / "generations")

@@ -12,7 +12,7 @@ import pytest
 from blendexp.faces.expression import load_smirk
 from blendexp.faces.identity import ArcFaceONNX
 from blendexp.toyworld.annotators import base_id_similarity, expression_metrics, identity_metrics
-from blendexp.toyworld.assets import SHIPPED, SHIPPED_ROOT, render_set
+from blendexp.toyworld.assets import SHIPPED, SHIPPED_ROOT, decoded, render_set
 from blendexp.toyworld.params import sample_expression
 
 ARCFACE, SMIRK = SHIPPED_ROOT / "models/antelopev2/arcface.onnx", SHIPPED_ROOT / "models/smirk/SMIRK_em1.pt"
@@ -34,7 +34,7 @@ def test_every_shipped_file_is_there_in_the_official_layout() -> None:
     readme = (SHIPPED_ROOT / "README.md").read_text()
     assert "python -m blendexp.toyworld.assets" in readme  # says how the files were made
     metrics = json.loads((SHIPPED_ROOT / "metrics.json").read_text())
-    assert metrics["base"]["id_auc"] > 0.8  # the build's own measurement of the shipped base
+    assert metrics["base"]["id_auc"] > 0.95  # the build's own measurement of the shipped base
 
 
 def test_shipped_annotators_read_unseen_faces() -> None:
@@ -44,19 +44,24 @@ def test_shipped_annotators_read_unseen_faces() -> None:
     assert ident["roc_auc"] > 0.95 and ident["verification_accuracy"] > 0.9
     rng = np.random.default_rng(1)
     prior_mean = np.mean([sample_expression(rng) for _ in range(5000)], axis=0)  # the best constant prediction
-    exp = expression_metrics(load_smirk(SMIRK), faces["images"], faces["expressions"], prior_mean)
+    vae_round_trips = decoded(SHIPPED_ROOT / "stable-diffusion-v1-5/vae", faces["images"], 64)
+    exp = expression_metrics(load_smirk(SMIRK), faces["images"], vae_round_trips, faces["expressions"], prior_mean)
+    # Build (384 held-out faces): MAE 0.89x the mean predictor's overall; eyelids 0.35x, jaw opening 0.29x on renders.
+    assert exp["mae"] < 0.95 * exp["mean_predictor_mae"]
     per = exp["per_component_mae_vs_mean_predictor"]
-    # Build: MAE 0.78x the mean predictor's overall; eyelids and jaw opening 0.2-0.3x. On 96 faces: clear margins.
-    assert exp["mae"] < 0.9 * exp["mean_predictor_mae"]
     for name in ("eyelid.0 (eyelid_left)", "eyelid.1 (eyelid_right)", "jaw.0 (jaw_open)"):
         assert per[name][0] < 0.5 * per[name][1], name
+    # Faces as the toy VAE returns them (as generated faces are): the jaw opening stays readable (build: 0.46x),
+    # the eyelids do not (0.9x: the 8x VAE keeps too little of a 64 px face's eyes).
+    jaw = exp["per_component_mae_vs_mean_predictor_decoded"]["jaw.0 (jaw_open)"]
+    assert jaw[0] < 0.6 * jaw[1]
 
 
 def test_shipped_base_draws_the_identity_it_is_given(fresh, tmp_path: Path) -> None:
     m = base_id_similarity(SHIPPED_ROOT, ARCFACE, fresh, size=64, identities=16, samples=1,
                            steps=10, guidance=3.0, seed=0, grid=tmp_path / "grid.png")
-    # Build (48 identities x 2 seeds, 20 steps): matched 0.30 vs 0.00 for other identities, AUC 0.86. A base that
-    # ignores the ID (the epsilon-prediction recipe) scores AUC 0.52; 0.7 is far from both with 16 x 15 pairs.
-    assert m["id_auc"] > 0.7
-    assert m["id_sim_matched"] > m["id_sim_random"] + 0.1
+    # Build (48 identities x 2 seeds, 20 steps): matched 0.46 vs 0.00 for other identities, AUC 0.98. A base that
+    # ignores the ID (the epsilon-prediction recipe) scores AUC 0.52, the 1200-step base of the 21 dB VAE 0.86.
+    assert m["id_auc"] > 0.9
+    assert m["id_sim_matched"] > m["id_sim_random"] + 0.25
     assert (tmp_path / "grid.png").is_file()
