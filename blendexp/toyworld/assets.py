@@ -400,7 +400,7 @@ SHIPPED = {"models/arc2face": "base/models/arc2face", "models/encoder": "base/mo
 
 
 def ship(root: Path, dest: Path = SHIPPED_ROOT) -> Path:
-    """Copy the trained annotators, the toy base and the build's report (about 25 MB) to ``dest`` in the official
+    """Copy the trained annotators, the toy base and the build's report (about 28 MB) to ``dest`` in the official
     layout (``models/{arc2face,encoder,antelopev2,smirk}``, ``stable-diffusion-v1-5/``): the copy the repository
     carries, so entry points, tests and benchmarks use trained toy models without the hour-long build."""
     missing = [str(root / f) for f in SHIPPED.values() if not (root / f).exists()]
