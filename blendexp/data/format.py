@@ -3,7 +3,7 @@
 One sample per aligned face crop, keyed ``<source>/<subject>/<clip-or-image>/<frame>``:
 ``jpg`` (aligned RGB face), ``id.npy`` (512,) float32 L2-normalised identity embedding,
 ``exp.npy`` (55,) float32 FLAME vector (50 expression, 2 eyelid, 3 jaw, as SMIRK outputs),
-``json`` metadata and optionally ``latents.npy`` (cached VAE latents, (4, H/8, W/8)).
+``json`` metadata and optionally ``latents.npy`` (cached VAE latents, (C, H/8, W/8); C = 4 for SD 1.5).
 Builder, loader, evaluator and toy world all read and write through this module.
 """
 
@@ -72,7 +72,7 @@ class FaceSample:
     id_emb: np.ndarray  # (512,) float32, L2-normalised
     exp: np.ndarray  # (55,) float32 FLAME
     meta: dict[str, Any] = field(default_factory=dict)
-    latents: np.ndarray | None = None  # (4, H/8, W/8) float32, already scaled by the VAE factor
+    latents: np.ndarray | None = None  # (C, H/8, W/8) float32 (C: the VAE's latent channels, 4 in SD 1.5), already scaled by the VAE factor
 
     @property
     def clip(self) -> str | None:

@@ -27,6 +27,7 @@ from blendexp.models.expression_adapter import (
     WEIGHT_NAME,
     attach_expression_adapter,
     expression_embeds,
+    fold_input_scale,
     load_expression_adapter,
     save_expression_adapter,
 )
@@ -80,6 +81,7 @@ def _checkpoint_state(path: Path, unet: UNet2DConditionModel) -> tuple[dict[str,
     """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = {k.removeprefix("unet."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("unet.")}
+    state = fold_input_scale(state, (ckpt.get("hyper_parameters", {}).get("adapter") or {}).get("input_scale"))
     proj, cross = "encoder_hid_proj.image_projection_layers.0.", unet.config.cross_attention_dim
     if proj + "image_embeds.weight" in state:
         return state, {"projection": "linear", "num_tokens": state[proj + "image_embeds.weight"].shape[0] // cross}

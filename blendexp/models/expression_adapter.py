@@ -5,6 +5,12 @@ Built from diffusers' own parts: the projection is ``ImageProjection`` (the plai
 ``MultiIPAdapterImageProjection`` as ``unet.encoder_hid_proj``; every cross-attention gets
 ``IPAdapterAttnProcessor2_0`` with ``to_k_ip``/``to_v_ip`` initialised from its ``to_k``/``to_v``. The saved
 ``{"image_proj", "ip_adapter"}`` dict is what ``StableDiffusionPipeline.load_ip_adapter`` converts.
+
+FLAME groups differ ~10x in magnitude (SMIRK: expression coefficients about +-3, eyelids 0..1, jaw pose a few tenths
+of a radian), so with Adam's per-weight step the jaw's projection columns learn ~10x slower than the rest. An
+``input_scale`` per group trains the projection's first layer as if it read the scaled vector (a torch
+parametrization, ``weight = original * scale``); the layer itself still reads raw FLAME, so exports stay in the
+official format.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, ImageProjection, MultiIPAdapterImageProjection
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
 
-from blendexp.data.format import EXP_DIM
+from blendexp.data.format import EXP_DIM, GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +54,75 @@ def make_projection(cross_dim: int, num_tokens: int, projection: str, mult: int 
     raise ValueError(f"unknown projection {projection!r}; choose one of {PROJECTIONS}")
 
 
+class InputScale(nn.Module):
+    """``weight = original * scale`` per input column: Adam steps each FLAME group at its own magnitude."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        """Hold the (55,) factors as a buffer (moves with the module's device and dtype)."""
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        """The weight the layer applies to raw FLAME vectors."""
+        return original * self.scale
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """The trained tensor that gives ``weight`` (used when a weight is assigned)."""
+        return weight / self.scale
+
+
+def input_scale_vector(scales: dict[str, float]) -> torch.Tensor:
+    """(55,) per-component factors from per-group ones (groups: exp, eyelid, jaw; unnamed groups 1)."""
+    unknown = sorted(set(scales) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"input_scale: unknown FLAME group(s) {unknown}; use {sorted(GROUPS)}")
+    vec = torch.ones(EXP_DIM)
+    for group, factor in scales.items():
+        if not float(factor) > 0:
+            raise ValueError(f"input_scale.{group}={factor}: factors must be positive")
+        vec[GROUPS[group]] = float(factor)
+    return vec
+
+
+def _input_layer(unet: UNet2DConditionModel) -> nn.Linear:
+    """The projection's first Linear, the only layer that sees the raw 55-d vector."""
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    return proj.image_embeds if isinstance(proj, ImageProjection) else proj.ff.net[0].proj
+
+
+def scale_adapter_input(unet: UNet2DConditionModel, scales: dict[str, float], keep_weights: bool) -> None:
+    """Train the projection as if its input were scaled per group; ``keep_weights`` keeps a loaded adapter's
+    function, otherwise the layer starts as a fresh one reading the scaled vector (input standardisation)."""
+    layer = _input_layer(unet)
+    init = layer.weight.detach().clone()
+    parametrize.register_parametrization(layer, "weight", InputScale(input_scale_vector(scales).to(init)))
+    if not keep_weights:
+        with torch.no_grad():
+            layer.parametrizations.weight.original.copy_(init)
+
+
+def fold_input_scale(state: dict[str, torch.Tensor], scales: dict[str, float] | None) -> dict[str, torch.Tensor]:
+    """A checkpoint's parametrised input layer (``...parametrizations.weight.original``) as its plain weight."""
+    suffix = ".parametrizations.weight.original"
+    if not any(k.endswith(suffix) for k in state):
+        return state
+    if scales is None:
+        raise ValueError("checkpoint has an input-scaled Expression Adapter but its hyper-parameters carry no "
+                         "adapter.input_scale to fold it with")
+    vec, out = input_scale_vector(scales), {}
+    for key, value in state.items():
+        if key.endswith(suffix):
+            out[key.removesuffix(suffix) + ".weight"] = value * vec
+        else:
+            out[key] = value
+    return out
+
+
 def attach_expression_adapter(unet: UNet2DConditionModel, num_tokens: int = 4, projection: str = "linear",
-                              mult: int = 4, scale: float = 1.0) -> list[torch.nn.Parameter]:
-    """Install a freshly initialised adapter on ``unet`` and return its (trainable) parameters."""
+                              mult: int = 4, scale: float = 1.0,
+                              input_scale: dict[str, float] | None = None) -> list[torch.nn.Parameter]:
+    """Install a freshly initialised adapter on ``unet`` (its input layer trained at ``input_scale`` per FLAME
+    group when given) and return its (trainable) parameters."""
     proj = make_projection(unet.config.cross_attention_dim, num_tokens, projection, mult).to(unet.device, unet.dtype)
     unet.encoder_hid_proj = MultiIPAdapterImageProjection([proj])
     unet.config.encoder_hid_dim_type = "ip_image_proj"
@@ -61,6 +135,8 @@ def attach_expression_adapter(unet: UNet2DConditionModel, num_tokens: int = 4, p
             proc.to_v_ip[0].weight.copy_(attn.to_v.weight)
         procs[name] = proc.to(unet.device, unet.dtype)
     unet.set_attn_processor(procs)
+    if input_scale:
+        scale_adapter_input(unet, input_scale, keep_weights=False)
     return adapter_parameters(unet)
 
 
@@ -88,11 +164,17 @@ def _projection_keys(projection: torch.nn.Module) -> dict[str, str]:
             "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
 
 
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module``'s tensor at dotted ``name`` as the forward pass sees it (a parametrised weight included)."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner), attr)
+
+
 def expression_adapter_state_dict(unet: UNet2DConditionModel) -> dict[str, dict[str, torch.Tensor]]:
     """The attached adapter in the official ``{"image_proj", "ip_adapter"}`` key format."""
     proj = unet.encoder_hid_proj.image_projection_layers[0]
-    params = dict(proj.named_parameters())
-    image_proj = {official: params[ours].detach().cpu().contiguous() for ours, official in _projection_keys(proj).items()}
+    image_proj = {official: _tensor(proj, ours).detach().cpu().contiguous()
+                  for ours, official in _projection_keys(proj).items()}
     ip_adapter: dict[str, torch.Tensor] = {}
     for i, (name, _) in enumerate(_ip_layers(unet)):
         proc = unet.attn_processors[name]

@@ -81,19 +81,21 @@ def tiny_text_encoder(vocab_size: int, eos_id: int, bos_id: int) -> Arc2FaceText
     return Arc2FaceTextEncoder(cfg)
 
 
-def tiny_unet(sample_size: int = 8) -> UNet2DConditionModel:
+def tiny_unet(sample_size: int = 8, latent_channels: int = 4) -> UNet2DConditionModel:
     """Two-level cross-attention UNet with SD 1.5's block types, small enough for CPU training."""
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
+        block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8,
     )
 
 
-def tiny_vae() -> AutoencoderKL:
-    """AutoencoderKL with SD's 8× downsampling and 4 latent channels, a few thousand parameters wide."""
+def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """AutoencoderKL with SD's 8× downsampling (and its 4 latent channels by default), a few thousand parameters
+    wide."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1, norm_num_groups=8,
         block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
     )
@@ -106,14 +108,14 @@ def _use_official_clip_keys(path: Path) -> None:
               metadata={"format": "pt"})
 
 
-def save_tiny_base(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """Create and save a tiny random base; returns (models dir, SD 1.5 dir)."""
+def save_tiny_base(root: str | Path, seed: int = 0, latent_channels: int = 4) -> tuple[Path, Path]:
+    """Create and save a tiny random base (VAE and UNet with ``latent_channels``); returns (models dir, SD 1.5 dir)."""
     root = Path(root)
     models, sd15 = root / "models", root / "stable-diffusion-v1-5"
     torch.manual_seed(seed)
     tok = save_tiny_tokenizer(sd15 / "tokenizer")
     encoder = tiny_text_encoder(len(tok.get_vocab()), tok.eos_token_id, tok.bos_token_id)
-    unet, vae = tiny_unet(), tiny_vae()
+    unet, vae = tiny_unet(latent_channels=latent_channels), tiny_vae(latent_channels)
     for model, folder in ((unet, models / "arc2face"), (encoder, models / "encoder"), (vae, sd15 / "vae"),
                           (unet, sd15 / "unet"), (encoder, sd15 / "text_encoder")):
         model.save_pretrained(folder)

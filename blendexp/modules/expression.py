@@ -15,6 +15,7 @@ from blendexp.models.expression_adapter import (
     expression_embeds,
     load_expression_adapter,
     save_expression_adapter,
+    scale_adapter_input,
 )
 from blendexp.modules.diffusion import DiffusionModule
 
@@ -28,6 +29,8 @@ class ExpressionAdapterModule(DiffusionModule):
         self.save_hyperparameters()
         if init_adapter:
             load_expression_adapter(self.unet, init_adapter)
+            if adapter.get("input_scale"):
+                scale_adapter_input(self.unet, adapter["input_scale"], keep_weights=True)
         else:
             attach_expression_adapter(self.unet, **adapter)
         for p in adapter_parameters(self.unet):

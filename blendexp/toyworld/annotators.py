@@ -77,6 +77,11 @@ def shrink(image: np.ndarray, size: int = SMALL_SIZE) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def shrink_all(images: np.ndarray | list[np.ndarray], size: int = SMALL_SIZE) -> np.ndarray:
+    """``shrink`` over a stack of faces, as one (N, size, size, 3) array."""
+    return np.stack([shrink(im, size) for im in images])
+
+
 def _augment(images: np.ndarray, rng: np.random.Generator, small_p: float) -> list[np.ndarray]:
     """Shrink each image to 64 px with probability ``small_p``, so encoders work on renders and 64 px faces alike."""
     return [shrink(im) if rng.random() < small_p else im for im in images]
@@ -100,7 +105,7 @@ def _degrade(images: np.ndarray, decoded: np.ndarray, rng: np.random.Generator, 
         elif r < cfg.decoded_p + cfg.blur_p:
             out.append(blur(shrink(im), rng.uniform(*cfg.blur_sigma)))
         else:
-            out.append(_augment(im[None], rng, cfg.small_p)[0])
+            out.append(shrink(im) if rng.random() < cfg.small_p else im)
     return out
 
 
@@ -206,7 +211,7 @@ def verification_metrics(emb: np.ndarray, labels: np.ndarray, seed: int = 0) -> 
 def identity_metrics(encoder: IdentityEncoder, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Verification on held-out identities at the render size and at 64 px (trivial baseline: 0.5 for both)."""
     out = verification_metrics(encoder.embed(identity_crops(images)), labels)
-    small = verification_metrics(encoder.embed(identity_crops([shrink(im) for im in images])), labels)
+    small = verification_metrics(encoder.embed(identity_crops(shrink_all(images))), labels)
     out.update({f"{k}_64px": v for k, v in small.items() if k in ("roc_auc", "verification_accuracy")})
     return {**out, "baseline": 0.5, "images": len(images), "identities": len(np.unique(labels))}
 
@@ -272,7 +277,7 @@ def expression_metrics(model: SmirkExpressionEncoder, images: np.ndarray, decode
     truth = expressions[:, MAPPED]
     baseline = np.abs(truth - train_mean[MAPPED]).mean(0)  # (13,)
     out: dict[str, float | dict[str, list[float]]] = {}
-    for suffix, imgs in (("", images), ("_64px", np.stack([shrink(im) for im in images])), ("_decoded", decoded)):
+    for suffix, imgs in (("", images), ("_64px", shrink_all(images)), ("_decoded", decoded)):
         mae = np.abs(predict_expressions(model, imgs)[:, MAPPED] - truth).mean(0)
         out[f"mae{suffix}"] = float(mae.mean())
         out[f"mae_ratio{suffix}"] = float(mae.mean() / baseline.mean())

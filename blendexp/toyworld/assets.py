@@ -5,7 +5,7 @@ step with an unchanged fingerprint is skipped; ``--force`` rebuilds everything):
 
   renders     toy faces with random expressions and photo conditions (annotator training + held-out identities)
   identity    toy recogniser (margin softmax) → annotators/antelopev2/arcface.onnx (insightface's signature)
-  vae         small AutoencoderKL (8x, 4 channels, scaling_factor = 1/std of its latents) → vae/
+  vae         small AutoencoderKL (8x, 16 channels, scaling_factor = 1/std of its latents) → vae/
   expression  SMIRK-architecture encoder, trained on renders and their VAE round trips → annotators/smirk/SMIRK_em1.pt
   shards      64 px toy stills whose id.npy come from the toy recogniser → shards/{train,val}-*.tar
   clips       64 px frames of one talking-head clip per further subject, same embeddings → clips/clips-*.tar
@@ -148,28 +148,30 @@ def _identity(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     return identity_metrics(ArcFaceONNX(path), held["images"], held["labels"])
 
 
-def decoded(vae_dir: Path, images: np.ndarray, size: int) -> np.ndarray:
-    """``images`` shrunk to ``size`` px and passed through a trained toy VAE (round trip, posterior mean)."""
+def decoded(vae_dir: Path, splits: tuple[np.ndarray, ...], size: int) -> tuple[np.ndarray, ...]:
+    """Each stack of ``splits`` shrunk to ``size`` px and passed through the trained toy VAE (round trip, posterior
+    mean); the VAE is loaded once for all."""
     from diffusers import AutoencoderKL
 
-    from blendexp.toyworld.annotators import shrink
+    from blendexp.toyworld.annotators import shrink_all
     from blendexp.toyworld.autoencoder import round_trip
 
-    return round_trip(AutoencoderKL.from_pretrained(vae_dir), np.stack([shrink(im, size) for im in images]))
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    return tuple(round_trip(vae, shrink_all(images, size)) for images in splits)
 
 
 def _vae(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     """Train the VAE on 64 px faces, set its latent scaling and measure reconstruction on held-out faces."""
     from diffusers import AutoencoderKL
 
-    from blendexp.toyworld.annotators import shrink
+    from blendexp.toyworld.annotators import shrink_all
     from blendexp.toyworld.autoencoder import set_scaling_factor, train_vae, vae_metrics
 
-    train = np.stack([shrink(im, cfg.image_size) for im in load_renders(root, "train")["images"]])
+    train = shrink_all(load_renders(root, "train")["images"], cfg.image_size)
     vae = train_vae(train, cfg.vae, cfg.seed)
     set_scaling_factor(vae, train, cfg.seed)
     vae.save_pretrained(root / "vae")
-    held = np.stack([shrink(im, cfg.image_size) for im in load_renders(root, "heldout")["images"]])
+    held = shrink_all(load_renders(root, "heldout")["images"], cfg.image_size)
     return vae_metrics(AutoencoderKL.from_pretrained(root / "vae"), held, train.astype(np.float64).mean(0))
 
 
@@ -179,13 +181,12 @@ def _expression(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     from blendexp.faces.expression import load_smirk, save_smirk_checkpoint
     from blendexp.toyworld.annotators import expression_metrics, train_expression_encoder
 
-    train = load_renders(root, "train")
-    train_decoded = decoded(root / "vae", train["images"], cfg.image_size)
+    train, held = load_renders(root, "train"), load_renders(root, "heldout")
+    train_decoded, held_decoded = decoded(root / "vae", (train["images"], held["images"]), cfg.image_size)
     model = train_expression_encoder(train["images"], train_decoded, train["expressions"], cfg.expression, cfg.seed)
     path = save_smirk_checkpoint(model, root / SMIRK)
-    held = load_renders(root, "heldout")
-    return expression_metrics(load_smirk(path), held["images"], decoded(root / "vae", held["images"], cfg.image_size),
-                              held["expressions"], train["expressions"].mean(0))
+    return expression_metrics(load_smirk(path), held["images"], held_decoded, held["expressions"],
+                              train["expressions"].mean(0))
 
 
 # ------------------------------------------------------------------------------------------------- base
@@ -217,9 +218,10 @@ def _init(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
 
     from blendexp.models.tiny import save_tiny_base
 
-    _, sd15 = save_tiny_base(root / "init", cfg.seed)
+    vae = AutoencoderKL.from_pretrained(root / "vae")
+    _, sd15 = save_tiny_base(root / "init", cfg.seed, vae.config.latent_channels)
     shutil.rmtree(sd15 / "vae")
-    AutoencoderKL.from_pretrained(root / "vae").save_pretrained(sd15 / "vae")
+    vae.save_pretrained(sd15 / "vae")
     return {}
 
 
@@ -372,8 +374,8 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
              f"| {SMIRK} | expression encoder (SMIRK's MobileNetV3 + Linear(960, 55)) | range-scaled MSE on the "
              f"55 values, {cfg.expression.steps} steps x {cfg.expression.batch_size}; SMIRK crops of renders, 64 px, "
              "blurred and VAE round-trip faces |",
-             f"| vae/ | AutoencoderKL (8x, 4 latent channels) | MSE + KL, {cfg.vae.steps} steps x "
-             f"{cfg.vae.batch_size} at {cfg.image_size} px; scaling_factor = 1/std of its latents |",
+             f"| vae/ | AutoencoderKL (8x, {cfg.vae.latent_channels} latent channels) | MSE + KL, {cfg.vae.steps} "
+             f"steps x {cfg.vae.batch_size} at {cfg.image_size} px; scaling_factor = 1/std of its latents |",
              f"| shards/ | {cfg.shard_subjects}x{cfg.shard_per_subject} train, {cfg.val_shard_subjects}x"
              f"{cfg.shard_per_subject} val stills, {cfg.image_size} px | id.npy from the toy identity encoder, "
              "exp.npy ground truth |",

@@ -17,12 +17,17 @@ from blendexp.models.expression_adapter import (
 )
 
 
-@pytest.fixture()
-def trained_unet(tiny_base) -> UNet2DConditionModel:
-    """The tiny base UNet with a (random, MLP) adapter standing in for a trained one."""
+SCALES = {"exp": 1.0, "eyelid": 3.0, "jaw": 10.0}
+
+
+@pytest.fixture(params=[None, SCALES], ids=["plain", "input_scale"])
+def trained_unet(request, tiny_base) -> UNet2DConditionModel:
+    """The tiny base UNet with a (random, MLP) adapter standing in for a trained one, trained plain or with
+    per-group input scales (then its checkpoint holds the parametrised weight)."""
     torch.manual_seed(1)
     unet = UNet2DConditionModel.from_pretrained(tiny_base[0], subfolder="arc2face")
-    attach_expression_adapter(unet, num_tokens=2, projection="mlp", mult=2)
+    attach_expression_adapter(unet, num_tokens=2, projection="mlp", mult=2, input_scale=request.param)
+    unet.input_scale = request.param
     return unet
 
 
@@ -38,7 +43,8 @@ def test_lightning_checkpoint_run_folder_and_export_load_the_same_adapter(tmp_pa
     trained = {n: p for n, p in trained_unet.named_parameters() if n.startswith("encoder_hid_proj") or "_ip." in n}
     ckpt = run / "checkpoints" / "last.ckpt"  # what DiffusionModule keeps: only the trained weights, "unet." prefix
     ckpt.parent.mkdir()
-    torch.save({"state_dict": {f"unet.{n}": p.detach() for n, p in trained.items()}, "global_step": 7}, ckpt)
+    torch.save({"state_dict": {f"unet.{n}": p.detach() for n, p in trained.items()}, "global_step": 7,
+                "hyper_parameters": {"adapter": {"input_scale": trained_unet.input_scale}}}, ckpt)
     expected = expression_adapter_state_dict(trained_unet)
     for given in (run, run / "export", run / "export" / "exp_adapter.bin", ckpt):
         path = resolve_adapter(str(given), _fresh(tiny_base), tmp_path / "work", seed=0)

@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
 from blendexp.models.expression_adapter import (
+    adapter_parameters,
     attach_expression_adapter,
     expression_embeds,
     load_expression_adapter,
@@ -33,8 +34,13 @@ def generate(pipe: StableDiffusionPipeline, prompt_embeds: torch.Tensor, **kw) -
     return out.images
 
 
+SCALES = {"exp": 1.0, "eyelid": 3.0, "jaw": 10.0}
+
+
 @pytest.mark.parametrize("cfg,weight", [({"num_tokens": 4, "projection": "linear"}, "exp_adapter.bin"),
-                                        ({"num_tokens": 6, "projection": "mlp"}, "exp_adapter.safetensors")])
+                                        ({"num_tokens": 6, "projection": "mlp"}, "exp_adapter.safetensors"),
+                                        ({"num_tokens": 4, "projection": "linear", "input_scale": SCALES},
+                                         "exp_adapter.safetensors")])
 def test_official_usage_in_plain_diffusers(tiny_base, tmp_path: Path, cfg: dict, weight: str) -> None:
     models, sd15 = tiny_base
     base = trained_like_adapter(tiny_base, tmp_path / "models" / "exp_adapter", **cfg)
@@ -85,3 +91,36 @@ def test_missing_checkpoint_names_path(tiny_base, tmp_path: Path) -> None:
     base = Arc2FaceBase.from_pretrained(*tiny_base)
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_expression_adapter(base.unet, tmp_path)
+
+
+@pytest.mark.parametrize("projection,tokens", [("linear", 4), ("mlp", 2)])
+def test_input_scale_steps_the_jaw_faster_and_exports_what_the_layer_computes(tiny_base, tmp_path: Path,
+                                                                              projection: str, tokens: int) -> None:
+    base = Arc2FaceBase.from_pretrained(*tiny_base)
+    torch.manual_seed(0)
+    params = attach_expression_adapter(base.unet, num_tokens=tokens, projection=projection, input_scale=SCALES)
+    proj = base.unet.encoder_hid_proj.image_projection_layers[0]
+    layer = proj.image_embeds if projection == "linear" else proj.ff.net[0].proj
+    before = layer.weight.detach().clone()
+    opt = torch.optim.Adam(params, lr=1e-3)
+    out = proj(torch.randn(8, 55))
+    (out * torch.randn_like(out)).sum().backward()  # (a LayerNorm'd output's own norm would give no gradient)
+    opt.step()
+    step = (layer.weight.detach() - before).abs().mean(0)  # Adam's first step is lr per trained weight
+    torch.testing.assert_close(step[:50].mean(), torch.tensor(1e-3), rtol=0.05, atol=0)  # expression: x1
+    torch.testing.assert_close(step[50:52].mean(), torch.tensor(3e-3), rtol=0.05, atol=0)  # eyelids: x3
+    torch.testing.assert_close(step[52:].mean(), torch.tensor(1e-2), rtol=0.05, atol=0)  # jaw: x10
+    save_expression_adapter(base.unet, tmp_path)
+    plain = Arc2FaceBase.from_pretrained(*tiny_base)
+    load_expression_adapter(plain.unet, tmp_path)  # the official-format file: no scale needed to read it
+    exp = torch.randn(3, 55)
+    torch.testing.assert_close(plain.unet.encoder_hid_proj.image_projection_layers[0](exp), proj(exp))
+    assert len(adapter_parameters(base.unet)) == len(adapter_parameters(plain.unet))
+
+
+def test_input_scale_rejects_unknown_groups(tiny_base) -> None:
+    base = Arc2FaceBase.from_pretrained(*tiny_base)
+    with pytest.raises(ValueError, match=r"unknown FLAME group\(s\) \['mouth'\]"):
+        attach_expression_adapter(base.unet, input_scale={"mouth": 2.0})
+    with pytest.raises(ValueError, match="must be positive"):
+        attach_expression_adapter(base.unet, input_scale={"jaw": 0.0})

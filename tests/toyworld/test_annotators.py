@@ -18,6 +18,7 @@ from blendexp.toyworld.annotators import (
     identity_crops,
     roc_auc,
     shrink,
+    shrink_all,
     smirk_inputs,
     verification_metrics,
 )
@@ -98,7 +99,7 @@ def test_raw_outputs_are_smirks_outputs_before_its_clamps(faces: np.ndarray) -> 
 def test_vae_scaling_factor_whitens_its_latents(faces: np.ndarray, tmp_path: Path) -> None:
     torch.manual_seed(0)
     vae = toy_vae(width=8).eval()
-    small = np.stack([shrink(im) for im in faces])
+    small = shrink_all(faces)
     factor = set_scaling_factor(vae, small, seed=0)
     with torch.no_grad():
         latents = vae.encode(to_pixels(small)).latent_dist.sample(torch.Generator().manual_seed(0))

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from blendexp.toyworld import assets
-from blendexp.toyworld.assets import ARCFACE, SMIRK, STEPS, TOY_ID_MODEL, AssetsConfig, Step, build
+from blendexp.toyworld.assets import ARCFACE, SMIRK, STEPS, TOY_ID_MODEL, QUICK, AssetsConfig, Step, build
 from tests.conftest import run_cli
 
 FILES = [ARCFACE, SMIRK, "renders/train.npz", "renders/heldout.npz", "vae/config.json",
@@ -53,7 +53,8 @@ def test_quick_build_writes_every_asset_in_the_real_formats(quick_build) -> None
     assert load_smirk(root / SMIRK)(torch.zeros(1, 3, 224, 224)).shape == (1, 55)
     metrics = json.loads((root / "metrics.json").read_text())
     vae = AutoencoderKL.from_pretrained(root / "vae")
-    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4  # SD's 8x downsampling
+    assert vae.config.latent_channels == QUICK.vae.latent_channels == 16  # SD3's channel count
+    assert len(vae.config.block_out_channels) == 4  # SD's 8x downsampling
     assert vae.config.scaling_factor == pytest.approx(metrics["vae"]["scaling_factor"]) != 0.18215
     base = Arc2FaceBase.from_pretrained(str(root / "base/models"), str(root / "base/stable-diffusion-v1-5"))
     assert base.vae.config.scaling_factor == vae.config.scaling_factor  # the base was trained on the toy VAE

@@ -44,23 +44,24 @@ def test_shipped_annotators_read_unseen_faces() -> None:
     assert ident["roc_auc"] > 0.95 and ident["verification_accuracy"] > 0.9
     rng = np.random.default_rng(1)
     prior_mean = np.mean([sample_expression(rng) for _ in range(5000)], axis=0)  # the best constant prediction
-    vae_round_trips = decoded(SHIPPED_ROOT / "stable-diffusion-v1-5/vae", faces["images"], 64)
+    (vae_round_trips,) = decoded(SHIPPED_ROOT / "stable-diffusion-v1-5/vae", (faces["images"],), 64)
     exp = expression_metrics(load_smirk(SMIRK), faces["images"], vae_round_trips, faces["expressions"], prior_mean)
-    # Build (384 held-out faces): MAE 0.89x the mean predictor's overall; eyelids 0.35x, jaw opening 0.29x on renders.
+    # Build (384 held-out faces): MAE 0.89x the mean predictor's overall; eyelids 0.39-0.41x, jaw opening 0.27x on
+    # renders.
     assert exp["mae"] < 0.95 * exp["mean_predictor_mae"]
     per = exp["per_component_mae_vs_mean_predictor"]
     for name in ("eyelid.0 (eyelid_left)", "eyelid.1 (eyelid_right)", "jaw.0 (jaw_open)"):
         assert per[name][0] < 0.5 * per[name][1], name
-    # Faces as the toy VAE returns them (as generated faces are): the jaw opening stays readable (build: 0.46x),
-    # the eyelids do not (0.9x: the 8x VAE keeps too little of a 64 px face's eyes).
+    # Faces as the toy VAE returns them (as generated faces are): the jaw opening stays readable (build: 0.34x),
+    # the eyelids barely (0.73-0.75x: the 8x VAE keeps little of a 64 px face's eyes).
     jaw = exp["per_component_mae_vs_mean_predictor_decoded"]["jaw.0 (jaw_open)"]
-    assert jaw[0] < 0.6 * jaw[1]
+    assert jaw[0] < 0.5 * jaw[1]  # what the closed loop calls readable
 
 
 def test_shipped_base_draws_the_identity_it_is_given(fresh, tmp_path: Path) -> None:
     m = base_id_similarity(SHIPPED_ROOT, ARCFACE, fresh, size=64, identities=16, samples=1,
                            steps=10, guidance=3.0, seed=0, grid=tmp_path / "grid.png")
-    # Build (48 identities x 2 seeds, 20 steps): matched 0.46 vs 0.00 for other identities, AUC 0.98. A base that
+    # Build (48 identities x 2 seeds, 20 steps): matched 0.49 vs 0.00 for other identities, AUC 0.98. A base that
     # ignores the ID (the epsilon-prediction recipe) scores AUC 0.52, the 1200-step base of the 21 dB VAE 0.86.
     assert m["id_auc"] > 0.9
     assert m["id_sim_matched"] > m["id_sim_random"] + 0.25
