@@ -21,14 +21,13 @@ SCALES = {"exp": 1.0, "eyelid": 3.0, "jaw": 10.0}
 
 
 @pytest.fixture(params=[None, SCALES], ids=["plain", "input_scale"])
-def trained_unet(request, tiny_base) -> UNet2DConditionModel:
+def trained(request, tiny_base) -> tuple[UNet2DConditionModel, dict[str, float] | None]:
     """The tiny base UNet with a (random, MLP) adapter standing in for a trained one, trained plain or with
     per-group input scales (then its checkpoint holds the parametrised weight)."""
     torch.manual_seed(1)
     unet = UNet2DConditionModel.from_pretrained(tiny_base[0], subfolder="arc2face")
     attach_expression_adapter(unet, num_tokens=2, projection="mlp", mult=2, input_scale=request.param)
-    unet.input_scale = request.param
-    return unet
+    return unet, request.param
 
 
 def _fresh(tiny_base) -> UNet2DConditionModel:
@@ -37,14 +36,15 @@ def _fresh(tiny_base) -> UNet2DConditionModel:
 
 
 def test_lightning_checkpoint_run_folder_and_export_load_the_same_adapter(tmp_path: Path, tiny_base,
-                                                                          trained_unet: UNet2DConditionModel) -> None:
+                                                                          trained: tuple) -> None:
+    trained_unet, input_scale = trained
     run = tmp_path / "run"
     save_expression_adapter(trained_unet, run / "export")
-    trained = {n: p for n, p in trained_unet.named_parameters() if n.startswith("encoder_hid_proj") or "_ip." in n}
+    weights = {n: p for n, p in trained_unet.named_parameters() if n.startswith("encoder_hid_proj") or "_ip." in n}
     ckpt = run / "checkpoints" / "last.ckpt"  # what DiffusionModule keeps: only the trained weights, "unet." prefix
     ckpt.parent.mkdir()
-    torch.save({"state_dict": {f"unet.{n}": p.detach() for n, p in trained.items()}, "global_step": 7,
-                "hyper_parameters": {"adapter": {"input_scale": trained_unet.input_scale}}}, ckpt)
+    torch.save({"state_dict": {f"unet.{n}": p.detach() for n, p in weights.items()}, "global_step": 7,
+                "hyper_parameters": {"adapter": {"input_scale": input_scale}}}, ckpt)
     expected = expression_adapter_state_dict(trained_unet)
     for given in (run, run / "export", run / "export" / "exp_adapter.bin", ckpt):
         path = resolve_adapter(str(given), _fresh(tiny_base), tmp_path / "work", seed=0)
@@ -54,6 +54,11 @@ def test_lightning_checkpoint_run_folder_and_export_load_the_same_adapter(tmp_pa
         for part in expected:
             for key, value in expected[part].items():
                 torch.testing.assert_close(got[part][key], value, msg=f"{given}: {part}.{key}")
+    if input_scale:  # a scaled checkpoint without the scale it was trained with cannot be folded: say so
+        bare = run / "checkpoints" / "bare.ckpt"
+        torch.save({"state_dict": {f"unet.{n}": p.detach() for n, p in weights.items()}}, bare)
+        with pytest.raises(ValueError, match="no adapter.input_scale"):
+            resolve_adapter(str(bare), _fresh(tiny_base), tmp_path / "work2", seed=0)
 
 
 def test_adapter_path_errors_name_the_path(tmp_path: Path, tiny_base) -> None:
