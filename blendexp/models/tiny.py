@@ -91,13 +91,13 @@ def tiny_unet(sample_size: int = 8, latent_channels: int = 4) -> UNet2DCondition
     )
 
 
-def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
-    """AutoencoderKL with SD's 8× downsampling (and its 4 latent channels by default), a few thousand parameters
-    wide."""
+def tiny_vae(latent_channels: int = 4, widths: tuple[int, ...] = (8, 16, 16, 16)) -> AutoencoderKL:
+    """AutoencoderKL with SD's 8× downsampling (4 blocks; SD 1.5's 4 latent channels by default), ``widths`` wide:
+    a few thousand parameters by default."""
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+        block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths), sample_size=64,
     )
 
 

@@ -17,18 +17,15 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from blendexp.callbacks import to_uint8
+from blendexp.models.tiny import tiny_vae
 from blendexp.toyworld.fitting import fit
 
 log = logging.getLogger(__name__)
 
 
 def toy_vae(width: int = 16, latent_channels: int = 4) -> AutoencoderKL:
-    """AutoencoderKL shaped like SD's (4 blocks → 8x downsampling), ``width`` channels wide."""
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(width, 2 * width, 2 * width, 2 * width), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-    )
+    """The tiny base's AutoencoderKL shape (SD's 8x downsampling), ``width`` channels wide."""
+    return tiny_vae(latent_channels, (width, 2 * width, 2 * width, 2 * width))
 
 
 @dataclass(frozen=True)
