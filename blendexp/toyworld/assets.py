@@ -53,7 +53,7 @@ TOY_ID_MODEL = "toyworld-toyfacenet-arcface-onnx"
 class BaseTraining:
     """Overrides for ``+experiment=toy_base`` plus how the trained base is measured."""
 
-    steps: int = 3000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3
     overrides: tuple[str, ...] = ()  # any further Hydra overrides

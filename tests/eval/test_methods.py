@@ -1,9 +1,11 @@
-"""The method registry: every accepted adapter form loads the same weights; bad method configs fail clearly."""
+"""The method registry: every accepted adapter form loads the same weights; bad method configs fail clearly; an
+Expression Adapter at scale 0 is Arc2Face alone."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -81,3 +83,20 @@ def test_registry_builds_methods_and_rejects_bad_configs(tmp_path: Path) -> None
         build_method("x", {"kind": "nope"}, base, gen)
     with pytest.raises(FileNotFoundError, match="eval.methods.other.path"):
         build_method("other", {"kind": "folder", "path": str(tmp_path / "missing")}, base, gen)
+
+
+def test_expression_scale_zero_is_arc2face_alone(tmp_path: Path, tiny_base) -> None:
+    base = {"models": str(tiny_base[0]), "sd15": str(tiny_base[1]), "tiny_root": None}
+    gen = {"steps": 2, "guidance": 3.0, "size": 32, "dtype": "float32"}
+    rng = np.random.default_rng(0)
+    id_emb, exp = rng.normal(size=(2, 512)).astype(np.float32), rng.normal(size=(2, 55)).astype(np.float32)
+    sources = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+
+    def images(name: str, cfg: dict) -> np.ndarray:
+        method = build_method(name, cfg, base, gen)
+        method.load(tmp_path / name)
+        return np.stack(method.generate(id_emb, exp, sources, seeds=[3, 4]))
+
+    alone = images("arc2face", {"kind": "arc2face"})
+    assert np.array_equal(images("off", {"kind": "expr_adapter", "adapter": None, "scale": 0.0}), alone)
+    assert not np.array_equal(images("on", {"kind": "expr_adapter", "adapter": None, "scale": 1.0}), alone)
