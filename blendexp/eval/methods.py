@@ -30,7 +30,6 @@ from blendexp.models.expression_adapter import (
     fold_input_scale,
     load_expression_adapter,
     save_expression_adapter,
-    set_expression_scale,
 )
 from blendexp.models.reference_adapter import (
     LORA_WEIGHT_NAME,
@@ -232,7 +231,7 @@ class ReferenceAdapterMethod(Arc2FaceMethod):
             add_reference_lora(scratch, rank=int(self.options.get("lora_rank", 16)))
             ref = str(save_reference_lora(scratch, workdir / "_weights" / "untrained_ref_adapter"))
         self.pipe, self.ref_unet = load_reference_pipeline(base, ref, exp_path)
-        set_expression_scale(self.pipe.unet, float(self.options.get("scale", 1.0)))
+        self.pipe.set_ip_adapter_scale(float(self.options.get("scale", 1.0)))
         self.ref_unet.to(self.device)
 
     def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:

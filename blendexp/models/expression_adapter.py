@@ -148,12 +148,6 @@ def adapter_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
     return params
 
 
-def set_expression_scale(unet: UNet2DConditionModel, scale: float) -> None:
-    """Scale the adapter's contribution (0 = base model), as ``pipeline.set_ip_adapter_scale`` does."""
-    for name, _ in _ip_layers(unet):
-        unet.attn_processors[name].scale = [scale]
-
-
 def _projection_keys(projection: torch.nn.Module) -> dict[str, str]:
     """diffusers parameter name → official (IP-Adapter) key of the projection."""
     if isinstance(projection, ImageProjection):

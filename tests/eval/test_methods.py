@@ -1,5 +1,5 @@
 """The method registry: every accepted adapter form loads the same weights; bad method configs fail clearly; an
-Expression Adapter at scale 0 is Arc2Face alone."""
+Expression Adapter at scale 0 is Arc2Face alone, and the scale reaches the one expr_ref carries."""
 
 from __future__ import annotations
 
@@ -100,3 +100,6 @@ def test_expression_scale_zero_is_arc2face_alone(tmp_path: Path, tiny_base) -> N
     alone = images("arc2face", {"kind": "arc2face"})
     assert np.array_equal(images("off", {"kind": "expr_adapter", "adapter": None, "scale": 0.0}), alone)
     assert not np.array_equal(images("on", {"kind": "expr_adapter", "adapter": None, "scale": 1.0}), alone)
+    # expr_ref carries the same (untrained, seeded) Expression Adapter: its scale must reach it too
+    ref_off = images("ref_off", {"kind": "expr_ref", "ref_adapter": None, "scale": 0.0})
+    assert not np.array_equal(images("ref_on", {"kind": "expr_ref", "ref_adapter": None, "scale": 1.0}), ref_off)
