@@ -1,6 +1,6 @@
 """Closed loop in the toy world: do trained adapters do what they are asked, as the toy annotators read it back?
 
-    python benchmarks/closed_loop.py [--toy .cache/toy] [--expr-steps 4500] [--ref-steps 600] [--expr-scale 1] [--check]
+    python benchmarks/closed_loop.py [--toy .cache/toy] [--expr-steps 4500] [--ref-steps 600] [--expr-scale 2] [--check]
 
 ``--toy`` is the root ``python -m blendexp.toyworld.assets`` builds: the trained toy Arc2Face base (``base/``), its
 still shards (``shards/``), talking-head clip shards (``clips/``), the toy ArcFace ONNX and SMIRK checkpoint in the
@@ -8,7 +8,7 @@ official layout (``annotators/``) and the build's ``metrics.json``; or the repos
 only: then ``--data`` names a folder with ``shards/`` and ``clips/``). Through the user entry points, the benchmark
 trains an Expression Adapter on the base and stills (``EXPR_RECIPE``), then a Reference Adapter on clip pairs with
 that Expression Adapter frozen (each reused when its run folder already holds an export), and evaluates
-``arc2face``, ``expr_adapter`` and ``expr_ref`` on held-out toy faces × the expressions of other held-out faces.
+``arc2face``, ``expr_adapter`` and ``expr_ref`` on 12 held-out toy faces × the expressions of all 128 held-out faces.
 
 Goals (issue 7), all measured in this run:
   * expression error of expr_adapter <= 0.5x arc2face's, over the components the toy SMIRK reads on decoded faces
@@ -16,7 +16,7 @@ Goals (issue 7), all measured in this run:
     every method gets the annotator's own error);
   * ID similarity of expr_adapter >= 0.9x arc2face's;
   * expr_ref's background L1 to the reference photo below expr_adapter's (the Reference Adapter keeps appearance).
-Prints the table and writes ``<out>/closed_loop.json`` (``closed_loop_scale<s>.json`` with ``--expr-scale``); with
+Prints the table and writes ``<out>/closed_loop.json`` (``closed_loop_scale<s>.json`` at another ``--expr-scale``); with
 ``--check`` exits 1 when a goal is missed.
 """
 
@@ -36,6 +36,10 @@ EXPR_GOAL, ID_GOAL, READABLE = 0.5, 0.9, 0.5
 # as if the jaw were read 30x and the eyelids 10x, steers the toy jaw most precisely of the variants measured.
 EXPR_RECIPE = ("model.adapter.projection=mlp", "model.adapter.num_tokens=16",
                "model.adapter.input_scale={exp:1.0,eyelid:10.0,jaw:30.0}")
+# The adapter's scale at evaluation, calibrated on training identities x training expressions (never the held-out
+# test faces): jaw MAE 0.057 / 0.048 / 0.041 / 0.040 at scale 1 / 1.5 / 2 / 2.5 while ID similarity falls; 2 is
+# where the gain levels off.
+EXPR_SCALE = 2.0
 
 
 def toy_layout(toy: Path) -> dict[str, Path]:
@@ -93,7 +97,7 @@ def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: i
 def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path, a: argparse.Namespace) -> Path:
     """All three methods on held-out toy faces, scored by the toy annotators; the report folder."""
     shards = data / "shards"
-    name = "closed_loop" if a.expr_scale == 1.0 else f"closed_loop_scale{a.expr_scale:g}"  # a cache per scale
+    name = "closed_loop" if a.expr_scale == EXPR_SCALE else f"closed_loop_scale{a.expr_scale:g}"  # a cache per scale
     run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}",
         *base_overrides(toy), "eval.base.tiny_root=null",
         f"eval.sources.path={shards}/val-*.tar", f"eval.sources.limit={a.sources}",
@@ -135,11 +139,14 @@ def main() -> None:
                    help="Hydra overrides of the Expression Adapter run (default: the closed loop's recipe; give the "
                         "flag alone for the plain +experiment=expr_adapter)")
     p.add_argument("--ref-steps", type=int, default=600, help="Reference Adapter steps (when not reused)")
-    p.add_argument("--expr-scale", type=float, default=1.0,
-                   help="the Expression Adapter's scale at evaluation, in both methods that carry it")
+    p.add_argument("--expr-scale", type=float, default=EXPR_SCALE,
+                   help="the Expression Adapter's scale at evaluation, in both methods that carry it (default: "
+                        "calibrated on training pairs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sources", type=int, default=12, help="held-out source faces")
-    p.add_argument("--targets", type=int, default=12, help="target expressions (faces of held-out subjects)")
+    p.add_argument("--targets", type=int, default=128,
+                   help="target expressions: the first N held-out faces (default: all 16 x 8 of the toy build's "
+                        "validation shards; the first 12, two subjects' faces, gave Arc2Face a jaw error 0.75x the full set's)")
     p.add_argument("--samples", type=int, default=1, help="seeds per (source, target) pair")
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps")
     p.add_argument("--size", type=int, default=64, help="image size (the toy shards' size)")
