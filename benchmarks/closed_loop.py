@@ -28,7 +28,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import webdataset as wds
+
+from blendexp.data.datamodule import expand_shards
+from blendexp.data.format import decode_sample
 
 REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, ID_GOAL, READABLE = 0.5, 0.9, 0.5
@@ -94,10 +99,22 @@ def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: i
     return run_dir
 
 
+def mean_expression(shards: str, path: Path) -> Path:
+    """Write the mean FLAME vector of the training shards (the negative expression ``--negative-expression mean``)."""
+    exps = [decode_sample(raw).exp for raw in wds.WebDataset(expand_shards(shards), shardshuffle=False)]
+    np.save(path, np.mean(exps, axis=0).astype(np.float32))
+    return path
+
+
 def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path, a: argparse.Namespace) -> Path:
     """All three methods on held-out toy faces, scored by the toy annotators; the report folder."""
     shards = data / "shards"
     name = "closed_loop" if a.expr_scale == EXPR_SCALE else f"closed_loop_scale{a.expr_scale:g}"  # a cache per scale
+    negative = []
+    if a.negative_expression == "mean":
+        name += "_negmean"
+        mean = mean_expression(f"{shards}/train-*.tar", out / "train_mean_expression.npy")
+        negative = [f"eval.methods.{m}.negative_expression={mean}" for m in ("expr_adapter", "expr_ref")]
     run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}",
         *base_overrides(toy), "eval.base.tiny_root=null",
         f"eval.sources.path={shards}/val-*.tar", f"eval.sources.limit={a.sources}",
@@ -107,7 +124,7 @@ def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path,
         f"eval.methods.expr_ref.ref_adapter={ref}", f"eval.methods.expr_ref.exp_adapter={expr}/export",
         f"eval.methods.expr_adapter.scale={a.expr_scale}", f"eval.methods.expr_ref.scale={a.expr_scale}",
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null",
-        f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}")
+        f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}", *negative)
     return out / "evaluate" / name
 
 
@@ -142,6 +159,9 @@ def main() -> None:
     p.add_argument("--expr-scale", type=float, default=EXPR_SCALE,
                    help="the Expression Adapter's scale at evaluation, in both methods that carry it (default: "
                         "calibrated on training pairs)")
+    p.add_argument("--negative-expression", choices=("zeros", "mean"), default="zeros",
+                   help="the FLAME vector classifier-free guidance pushes away from: zeros (as adapters are trained) or "
+                        "the training shards' mean expression")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sources", type=int, default=12, help="held-out source faces")
     p.add_argument("--targets", type=int, default=128,
@@ -166,7 +186,7 @@ def main() -> None:
                 f"data.sources.stills.shards={data}/clips/clips-*.tar", "data.pairs.stills=true",
                 f"model.expression_adapter={expr}/export")
     report = evaluate(out, toy, data, expr, ref, a)
-    result = {"expr_scale": a.expr_scale, **summarise(report, readable_components(toy))}
+    result = {"expr_scale": a.expr_scale, "negative_expression": a.negative_expression, **summarise(report, readable_components(toy))}
     (out / f"{report.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"readable components: {', '.join(result['readable_components'])}")
     print(f"{'method':<14}{'expr MAE (readable)':>21}{'expr MAE (all)':>16}{'ID sim':>9}{'bg L1 to ref':>14}")

@@ -66,7 +66,7 @@ def sampling(cfg: DictConfig) -> dict[str, Any]:
     """The ``ExpressionPipeline.__call__`` settings every command takes from the config."""
     return dict(seed=int(cfg.seed), steps=int(cfg.steps), guidance=float(cfg.guidance), size=cfg.size,
                 expression_scale=float(cfg.expression_scale), reference_scale=float(cfg.reference_scale),
-                batch_size=int(cfg.batch_size))
+                batch_size=int(cfg.batch_size), negative_expression=cfg.negative_expression)
 
 
 def user_error(err: BaseException) -> str:

@@ -149,6 +149,20 @@ def parse_expression(spec: Any, from_image: Callable[[Path], np.ndarray] | None 
     return [(safe_name(text), preset(text))]
 
 
+def negative_expression(spec: Any, from_image: Callable[[Path], np.ndarray] | None = None) -> np.ndarray | None:
+    """The one (55,) FLAME vector classifier-free guidance pushes away from; None (zeros) is the trained default.
+
+    A near-neutral target differs little from zeros, so guidance barely moves it; the mean training expression
+    (a FLAME file) as the negative pushes every target away from the average face instead."""
+    if spec is None:
+        return None
+    found = parse_expression(spec, from_image)
+    if len(found) != 1:
+        raise ValueError(f"negative_expression={spec!r} gives {len(found)} FLAME vectors; give exactly one (a preset, a "
+                         f"FLAME file holding one vector, a driving image or 55 numbers)")
+    return found[0][1]
+
+
 def describe(exp: np.ndarray, tol: float = 1e-6) -> dict[str, float]:
     """The non-zero components of a vector by name (what settings.json records, readable and re-usable as edits)."""
     return {COMPONENT_NAMES[i]: round(float(v), 6) for i, v in enumerate(exp) if abs(v) > tol}

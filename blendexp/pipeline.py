@@ -30,6 +30,7 @@ from blendexp.eval.annotators import Annotators, build_annotators
 from blendexp.eval.inputs import is_shards, load_image, read_images
 from blendexp.eval.methods import DTYPES, resolve_adapter
 from blendexp.expressions import NamedExpression, interpolate, parse_expression
+from blendexp.expressions import negative_expression as negative_expression_vector
 from blendexp.faces.align import align_ffhq, arcface_crop
 from blendexp.faces.detect import ensure_rgb
 from blendexp.models.arc2face import SD15_HUB_ID, Arc2FaceBase, id_prompt_embeds
@@ -282,12 +283,15 @@ class ExpressionPipeline:
     def __call__(self, id_emb: np.ndarray | FaceIdentity, exp: np.ndarray | Sequence[np.ndarray],
                  reference: np.ndarray | None = None, *, num_images: int = 1, seed: int = 0, steps: int = 25,
                  guidance: float = 3.0, size: int | None = None, expression_scale: float = 1.0,
-                 reference_scale: float = DEMO_LORA_SCALE, batch_size: int = 8) -> np.ndarray:
+                 reference_scale: float = DEMO_LORA_SCALE, batch_size: int = 8,
+                 negative_expression: Any = None) -> np.ndarray:
         """(E * num_images, S, S, 3) uint8 faces of one identity for E expressions (55,) / (E, 55).
 
         ``reference``: an aligned face for the Reference Adapter (needs one loaded); None generates without.
         ``expression_scale`` scales the adapter (0: Arc2Face alone); ``reference_scale`` is the LoRA scale;
-        ``batch_size`` caps the images per pipeline call (memory).
+        ``batch_size`` caps the images per pipeline call (memory). ``negative_expression``: the FLAME vector
+        guidance pushes away from (any one-vector expression spec, e.g. a file holding the training set's mean);
+        None: zeros, the unconditional vector adapters are trained with.
         """
         if isinstance(id_emb, FaceIdentity):
             id_emb = id_emb.embedding
@@ -300,6 +304,8 @@ class ExpressionPipeline:
         prompt = self.encode_identity(id_emb).to(device, dtype)
         ref = None if reference is None else self._reference_pixels(reference, size, device)
         self.pipe.set_ip_adapter_scale(expression_scale)
+        negative = negative_expression_vector(negative_expression, self.expression_from_image)
+        negative_t = None if negative is None else torch.from_numpy(negative).to(device, dtype)
         # One expression per pipeline call: diffusers broadcasts ``ip_adapter_image_embeds`` over the whole prompt
         # batch, so rows with different expressions in one call would each see every row's tokens.
         jobs = [(e, seeds) for e in range(len(exps)) for seeds in _chunks(num_images, batch_size)]
@@ -307,7 +313,7 @@ class ExpressionPipeline:
         for e, seeds in tqdm(jobs, desc="generate", disable=None, leave=False):
             exp_t = torch.from_numpy(exps[e:e + 1]).to(device, dtype)
             call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="np",
-                        num_images_per_prompt=len(seeds), ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1),
+                        num_images_per_prompt=len(seeds), ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1, negative_t),
                         generator=[torch.Generator(device).manual_seed(seed + k) for k in seeds])
             if self.ref_unet is None:
                 result = self.pipe(prompt_embeds=prompt, **call)

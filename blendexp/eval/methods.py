@@ -22,6 +22,7 @@ from PIL import Image
 
 from blendexp.data.format import EXP_DIM
 from blendexp.eval.inputs import IMAGE_EXTS
+from blendexp.expressions import negative_expression
 from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
 from blendexp.models.expression_adapter import (
     WEIGHT_NAME,
@@ -137,6 +138,7 @@ class Arc2FaceMethod:
                  seed: int = 0, **options: Any) -> None:
         self.name, self.base_cfg, self.gen, self.device, self.seed = name, dict(base), gen, device, seed
         self.options = dict(options)
+        self.negative = negative_expression(self.options.get("negative_expression"))  # fail before any generation
         self.pipe: StableDiffusionPipeline | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -161,6 +163,11 @@ class Arc2FaceMethod:
         assert self.pipe is not None
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+
+    def expression_embeds(self, exp: torch.Tensor) -> list[torch.Tensor]:
+        """The FLAME vectors as IP-Adapter image embeddings, the configured negative (else zeros) unconditional."""
+        negative = None if self.negative is None else torch.from_numpy(self.negative)
+        return expression_embeds(exp, self.gen.guidance > 1, negative)
 
     def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
         """Run the pipeline for one batch (subclasses add their conditions)."""
@@ -203,10 +210,9 @@ class ExpressionAdapterMethod(Arc2FaceMethod):
         super().build(base, workdir)
 
     def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
-        """Pass the FLAME vectors as IP-Adapter image embeddings (zeros for the unconditional half)."""
+        """Pass the FLAME vectors as IP-Adapter image embeddings."""
         assert self.pipe is not None
-        return self.pipe(prompt_embeds=prompt, ip_adapter_image_embeds=expression_embeds(exp, self.gen.guidance > 1),
-                         **common)
+        return self.pipe(prompt_embeds=prompt, ip_adapter_image_embeds=self.expression_embeds(exp), **common)
 
 
 class ReferenceAdapterMethod(Arc2FaceMethod):
@@ -239,7 +245,7 @@ class ReferenceAdapterMethod(Arc2FaceMethod):
         assert self.pipe is not None and self.ref_unet is not None
         return generate_with_reference(self.pipe, self.ref_unet, references, prompt,
                                        lora_scale=float(self.options.get("lora_scale", 1.0)),
-                                       ip_adapter_image_embeds=expression_embeds(exp, self.gen.guidance > 1), **common)
+                                       ip_adapter_image_embeds=self.expression_embeds(exp), **common)
 
     def close(self) -> None:
         """Free the reference UNet with the pipeline."""

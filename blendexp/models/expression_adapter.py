@@ -241,7 +241,11 @@ def load_expression_adapter(unet: UNet2DConditionModel, path: str | Path, scale:
     return cfg
 
 
-def expression_embeds(exp: torch.Tensor, do_cfg: bool) -> list[torch.Tensor]:
-    """``ip_adapter_image_embeds`` for a pipeline call: [(2B, 1, 55)] with zeros first under CFG, else [(B, 1, 55)]."""
+def expression_embeds(exp: torch.Tensor, do_cfg: bool, negative: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``ip_adapter_image_embeds`` for a pipeline call: [(2B, 1, 55)] with the unconditional rows first under CFG
+    (``negative``, a (55,) FLAME vector; None: zeros, the dropout value adapters are trained with), else [(B, 1, 55)]."""
     exp = exp[:, None, :]
-    return [torch.cat([torch.zeros_like(exp), exp]) if do_cfg else exp]
+    if not do_cfg:
+        return [exp]
+    uncond = torch.zeros_like(exp) if negative is None else negative.reshape(1, 1, -1).to(exp).expand_as(exp)
+    return [torch.cat([uncond, exp])]

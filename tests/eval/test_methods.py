@@ -102,4 +102,14 @@ def test_expression_scale_zero_is_arc2face_alone(tmp_path: Path, tiny_base) -> N
     assert not np.array_equal(images("on", {"kind": "expr_adapter", "adapter": None, "scale": 1.0}), alone)
     # expr_ref carries the same (untrained, seeded) Expression Adapter: its scale must reach it too
     ref_off = images("ref_off", {"kind": "expr_ref", "ref_adapter": None, "scale": 0.0})
-    assert not np.array_equal(images("ref_on", {"kind": "expr_ref", "ref_adapter": None, "scale": 1.0}), ref_off)
+    ref_on = images("ref_on", {"kind": "expr_ref", "ref_adapter": None, "scale": 1.0})
+    assert not np.array_equal(ref_on, ref_off)
+    # a negative expression steers through the adapter only (nothing at scale 0), in both methods that carry it
+    negative = {"negative_expression": "surprise"}
+    assert np.array_equal(images("off_neg", {"kind": "expr_adapter", "adapter": None, "scale": 0.0, **negative}), alone)
+    assert not np.array_equal(images("on_neg", {"kind": "expr_adapter", "adapter": None, "scale": 1.0, **negative}),
+                              images("on", {"kind": "expr_adapter", "adapter": None, "scale": 1.0}))
+    assert not np.array_equal(images("ref_neg", {"kind": "expr_ref", "ref_adapter": None, "scale": 1.0, **negative}),
+                              ref_on)
+    with pytest.raises(FileNotFoundError, match="FLAME file not found"):
+        build_method("bad", {"kind": "expr_adapter", "negative_expression": str(tmp_path / "none.npy")}, base, gen)

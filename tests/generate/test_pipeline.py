@@ -43,6 +43,23 @@ def test_same_images_as_a_plain_diffusers_pipeline(pipe: ExpressionPipeline, tin
     ours = pipe(ID, exp, num_images=2, seed=5, **KW)
     np.testing.assert_array_equal(ours, (theirs * 255).round().astype(np.uint8))
     assert isinstance(pipe.pipe, StableDiffusionPipeline)
+    # a negative expression is the unconditional half of the embeddings diffusers is given, nothing else
+    negative = torch.from_numpy(preset("surprise"))
+    theirs = plain(prompt_embeds=prompt, num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
+                   ip_adapter_image_embeds=expression_embeds(torch.from_numpy(exp)[None], True, negative),
+                   generator=[torch.Generator().manual_seed(5)], output_type="np").images
+    guided = pipe(ID, exp, seed=5, negative_expression="surprise", **KW)
+    np.testing.assert_array_equal(guided, (theirs * 255).round().astype(np.uint8))
+    assert diff(guided[0], ours[0]) > 0.5
+
+
+def test_negative_expression_defaults_to_zeros_and_takes_one_vector(pipe: ExpressionPipeline, tmp_path: Path) -> None:
+    zeros = np.zeros(55, np.float32)
+    np.testing.assert_array_equal(pipe(ID, preset("smile"), negative_expression=zeros, **KW),
+                                  pipe(ID, preset("smile"), **KW))
+    np.save(tmp_path / "two.npy", np.stack([zeros, preset("smile")]))
+    with pytest.raises(ValueError, match="gives 2 FLAME vectors; give exactly one"):
+        pipe(ID, preset("smile"), negative_expression=str(tmp_path / "two.npy"), **KW)
 
 
 def test_every_expression_gets_its_own_tokens_and_the_same_noise(pipe: ExpressionPipeline) -> None:
