@@ -30,10 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import webdataset as wds
 
-from blendexp.data.datamodule import expand_shards
-from blendexp.data.format import decode_sample
+from blendexp.eval.inputs import Skipped, read_images
 
 REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, ID_GOAL, READABLE = 0.5, 0.9, 0.5
@@ -101,7 +99,10 @@ def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: i
 
 def mean_expression(shards: str, path: Path) -> Path:
     """Write the mean FLAME vector of the training shards (the negative expression ``--negative-expression mean``)."""
-    exps = [decode_sample(raw).exp for raw in wds.WebDataset(expand_shards(shards), shardshuffle=False)]
+    skipped: list[Skipped] = []
+    exps = [item.exp for item in read_images(shards, "training expression", skipped)]
+    if skipped:
+        print(f"mean expression: skipped {len(skipped)} unreadable shard members of {shards}")
     np.save(path, np.mean(exps, axis=0).astype(np.float32))
     return path
 
@@ -160,13 +161,14 @@ def main() -> None:
                    help="the Expression Adapter's scale at evaluation, in both methods that carry it (default: "
                         "calibrated on training pairs)")
     p.add_argument("--negative-expression", choices=("zeros", "mean"), default="zeros",
-                   help="the FLAME vector classifier-free guidance pushes away from: zeros (as adapters are trained) or "
-                        "the training shards' mean expression")
+                   help="the FLAME vector classifier-free guidance pushes away from: zeros (as adapters are "
+                        "trained) or the training shards' mean expression")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sources", type=int, default=12, help="held-out source faces")
     p.add_argument("--targets", type=int, default=128,
                    help="target expressions: the first N held-out faces (default: all 16 x 8 of the toy build's "
-                        "validation shards; the first 12, two subjects' faces, gave Arc2Face a jaw error 0.75x the full set's)")
+                        "validation shards; the first 12, two subjects' faces, gave Arc2Face a jaw error 0.75x the "
+                        "full set's)")
     p.add_argument("--samples", type=int, default=1, help="seeds per (source, target) pair")
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps")
     p.add_argument("--size", type=int, default=64, help="image size (the toy shards' size)")
@@ -186,7 +188,8 @@ def main() -> None:
                 f"data.sources.stills.shards={data}/clips/clips-*.tar", "data.pairs.stills=true",
                 f"model.expression_adapter={expr}/export")
     report = evaluate(out, toy, data, expr, ref, a)
-    result = {"expr_scale": a.expr_scale, "negative_expression": a.negative_expression, **summarise(report, readable_components(toy))}
+    result = {"expr_scale": a.expr_scale, "negative_expression": a.negative_expression,
+              **summarise(report, readable_components(toy))}
     (out / f"{report.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"readable components: {', '.join(result['readable_components'])}")
     print(f"{'method':<14}{'expr MAE (readable)':>21}{'expr MAE (all)':>16}{'ID sim':>9}{'bg L1 to ref':>14}")

@@ -305,7 +305,6 @@ class ExpressionPipeline:
         ref = None if reference is None else self._reference_pixels(reference, size, device)
         self.pipe.set_ip_adapter_scale(expression_scale)
         negative = negative_expression_vector(negative_expression, self.expression_from_image)
-        negative_t = None if negative is None else torch.from_numpy(negative).to(device, dtype)
         # One expression per pipeline call: diffusers broadcasts ``ip_adapter_image_embeds`` over the whole prompt
         # batch, so rows with different expressions in one call would each see every row's tokens.
         jobs = [(e, seeds) for e in range(len(exps)) for seeds in _chunks(num_images, batch_size)]
@@ -313,7 +312,8 @@ class ExpressionPipeline:
         for e, seeds in tqdm(jobs, desc="generate", disable=None, leave=False):
             exp_t = torch.from_numpy(exps[e:e + 1]).to(device, dtype)
             call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="np",
-                        num_images_per_prompt=len(seeds), ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1, negative_t),
+                        num_images_per_prompt=len(seeds),
+                        ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1, negative),
                         generator=[torch.Generator(device).manual_seed(seed + k) for k in seeds])
             if self.ref_unet is None:
                 result = self.pipe(prompt_embeds=prompt, **call)

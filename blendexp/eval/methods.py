@@ -166,8 +166,7 @@ class Arc2FaceMethod:
 
     def expression_embeds(self, exp: torch.Tensor) -> list[torch.Tensor]:
         """The FLAME vectors as IP-Adapter image embeddings, the configured negative (else zeros) unconditional."""
-        negative = None if self.negative is None else torch.from_numpy(self.negative)
-        return expression_embeds(exp, self.gen.guidance > 1, negative)
+        return expression_embeds(exp, self.gen.guidance > 1, self.negative)
 
     def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
         """Run the pipeline for one batch (subclasses add their conditions)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
@@ -241,11 +242,13 @@ def load_expression_adapter(unet: UNet2DConditionModel, path: str | Path, scale:
     return cfg
 
 
-def expression_embeds(exp: torch.Tensor, do_cfg: bool, negative: torch.Tensor | None = None) -> list[torch.Tensor]:
+def expression_embeds(exp: torch.Tensor, do_cfg: bool,
+                      negative: np.ndarray | torch.Tensor | None = None) -> list[torch.Tensor]:
     """``ip_adapter_image_embeds`` for a pipeline call: [(2B, 1, 55)] with the unconditional rows first under CFG
     (``negative``, a (55,) FLAME vector; None: zeros, the dropout value adapters are trained with), else [(B, 1, 55)]."""
     exp = exp[:, None, :]
     if not do_cfg:
         return [exp]
-    uncond = torch.zeros_like(exp) if negative is None else negative.reshape(1, 1, -1).to(exp).expand_as(exp)
+    uncond = (torch.zeros_like(exp) if negative is None
+              else torch.as_tensor(negative).reshape(1, 1, -1).to(exp).expand_as(exp))
     return [torch.cat([uncond, exp])]
