@@ -40,8 +40,8 @@ EXPR_GOAL, ID_GOAL, READABLE = 0.5, 0.9, 0.5
 EXPR_RECIPE = ("model.adapter.projection=mlp", "model.adapter.num_tokens=16",
                "model.adapter.input_scale={exp:1.0,eyelid:10.0,jaw:30.0}")
 # The adapter's scale at evaluation, calibrated on training identities x training expressions (never the held-out
-# test faces): jaw MAE 0.057 / 0.048 / 0.041 / 0.040 at scale 1 / 1.5 / 2 / 2.5 while ID similarity falls; 2 is
-# where the gain levels off.
+# test faces; a hand-written sampling loop of the same settings on 12 x 12 training pairs): jaw MAE 0.057 / 0.048 /
+# 0.041 / 0.040 at scale 1 / 1.5 / 2 / 2.5 while ID similarity falls; 2 is where the gain levels off.
 EXPR_SCALE = 2.0
 
 
