@@ -20,14 +20,14 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from blendexp.config import REPO_ROOT
+from blendexp.config import CONF_DIR
 from blendexp.data.build import build
 
 
 def timed_build(root: Path, subjects: int, workers: int, run: int) -> tuple[float, float, dict[str, bytes]]:
     """Wall seconds and worker CPU seconds of one fresh build (inputs rendered after the first), and its shards."""
     out = root / f"out-{workers}-{run}"
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("build", overrides=[
             "data/build=toy", f"out={out}", f"toy.out={root}/toy", f"tiny_annotators={root}/annotators",
             f"toy.stills.subjects={subjects}", f"toy.videos.subjects={subjects}", f"num_workers={workers}",

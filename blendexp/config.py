@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # packaged configs: the entry points' config_path
 
 
 def wandb_offline() -> bool:

@@ -104,7 +104,7 @@ def controllability(cfg: DictConfig) -> dict[str, Any]:
     return {**files, **fit}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="controllability")
+@hydra.main(version_base="1.3", config_path="conf", config_name="controllability")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
     run_command(controllability, cfg)

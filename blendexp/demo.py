@@ -116,7 +116,7 @@ def serve(cfg: DictConfig) -> None:
                         share=bool(cfg.server.share), show_error=True, ssr_mode=False)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
+@hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
     run_command(serve, cfg)

@@ -63,7 +63,7 @@ def summary(test: Any, files: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
     try:

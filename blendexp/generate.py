@@ -126,7 +126,7 @@ def summary(files: dict[str, Any], settings: dict[str, Any]) -> str:
     return "\n".join(lines + [f"  settings: {files['settings']}"])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
     run_command(generate, cfg)

@@ -79,7 +79,7 @@ def summary(trainer: L.Trainer, callbacks: list[Any], metrics: dict[str, float])
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry; records ``result.json``. User errors become one clear line and exit status 1 instead of a
     traceback; in a sweep a failed job is recorded and logged, and the other jobs go on."""

@@ -335,7 +335,7 @@ def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return write_reports(c, packers, time.perf_counter() - start)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="build")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="build")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
     try:

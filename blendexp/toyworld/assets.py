@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from blendexp.config import REPO_ROOT
+from blendexp.config import CONF_DIR, REPO_ROOT
 from blendexp.toyworld.annotators import ExpressionTraining, IdentityTraining
 from blendexp.toyworld.autoencoder import VaeTraining
 from blendexp.toyworld.params import sample_expression, sample_identity, sample_nuisance
@@ -282,7 +282,7 @@ STEPS = (
 
 def _recipe_text() -> str:
     """The base recipe's config files: editing them must retrain the base, as changing a setting here does."""
-    conf = REPO_ROOT / "conf"
+    conf = CONF_DIR
     return "".join((conf / f).read_text() for f in ("experiment/toy_base.yaml", "model/arc2face_base.yaml"))
 
 

@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from skimage.data import astronaut
 
+from blendexp.config import CONF_DIR
 from blendexp.data.build import ensure_tiny_annotators
 from blendexp.data.format import EXP_DIM, ID_DIM, FaceSample, encode_sample, make_key
 from blendexp.toyworld.params import sample_identity
 from blendexp.toyworld.video import make_clip, write_clip
-from tests.conftest import REPO
 
 INSIGHTFACE_IMAGES = Path(__import__("insightface").__file__).parent / "data" / "images"
 
@@ -70,7 +70,7 @@ def toy_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build_config(out: Path, sources: dict[str, Path | str], annotators: Path, *overrides: str) -> DictConfig:
     """The real conf/build.yaml, pointed at test inputs, MTCNN and tiny annotators, run in this process."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("build", overrides=[
             f"out={out}", "num_workers=0", "face.detector=mtcnn", f"tiny_annotators={annotators}",
             "identity.path=null", "expression.smirk=null", "face.size=64", "face.min_size=24",

@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from blendexp.config import CONF_DIR
 from blendexp.data.build import build
 from blendexp.data.datamodule import FaceDataModule
 from blendexp.data.format import EXP_DIM, FaceSample
@@ -84,7 +85,7 @@ def test_toy_preset_builds_what_toy_video_data_reads(tmp_path: Path) -> None:
              "toy.videos.frames=12", "toy.seed=1", "toy.val.subjects=1", "toy.val.per_subject=3", "toy.size=96", "num_workers=0",
              f"paths.cache={tmp_path}/cache", f"paths.data={tmp_path}/data",
              f"paths.toy={REPO}/data/toy"]  # outputs go to tmp; the shipped toy annotators stay the default
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         result = build(compose("build", overrides=["data/build=toy", *small]))
         data_cfg = compose("train", overrides=["+experiment=expr_adapter", "data=toy_video",
                                                f"paths.data={tmp_path}/data", "data.num_workers=0"]).data

@@ -8,9 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.config import CONF_DIR  # also registers the ${blendexp.*} resolvers
 from blendexp.eval.annotators import Annotators, build_annotators, ensure_tiny_annotators
-from tests.conftest import REPO
 from tests.faces.conftest import single_torch_thread  # noqa: F401  (autouse: one torch thread for these tests too)
 
 
@@ -31,7 +30,7 @@ def annotators(tiny_annotators: Path) -> Annotators:
 
 def eval_config(out: Path, *overrides: str) -> DictConfig:
     """The real ``evaluate`` config writing to ``out``, as the command composes it with these overrides."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="evaluate", overrides=[f"out_dir={out}", *overrides])
 
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.config import CONF_DIR  # also registers the ${blendexp.*} resolvers
 from blendexp.models.arc2face import Arc2FaceBase
 from blendexp.models.expression_adapter import attach_expression_adapter, save_expression_adapter
 from blendexp.pipeline import ExpressionPipeline
@@ -72,5 +72,5 @@ def overrides(tiny_base, tiny_annotators: Path) -> list[str]:
 
 def compose_config(name: str, out: Path, *extra: str) -> DictConfig:
     """The real ``name`` config writing to ``out``, as the command composes it with these overrides."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=[f"out_dir={out}", *extra])
