@@ -8,30 +8,24 @@ controllable adapter follows the identity line; a flat curve means the component
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import matplotlib
+import numpy as np
+from omegaconf import DictConfig
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.data.format import component_index
 
-from blendexp import config as _config  # noqa: E402,F401  (registers the ${blendexp.*} resolvers)
-from blendexp.callbacks import image_grid  # noqa: E402
-from blendexp.commands import check_expressions, check_identity, container, load_session, run_command, sampling  # noqa: E402
-from blendexp.data.format import component_index  # noqa: E402
-from blendexp.expressions import apply_edits, component_label, component_range  # noqa: E402
-
-warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' prompt-embedding and deprecation notices
+if TYPE_CHECKING:  # pandas, matplotlib, torch and diffusers load in the commands, after Hydra composed the config
+    import pandas as pd
 
 
 def sweep_values(component: str, value_range: Any, points: int) -> np.ndarray:
     """``points`` evenly spaced requested values over the configured range (or the component's own)."""
+    from blendexp.expressions import component_range
+
     component_index(component)  # unknown names fail here, listing the valid ones
     low, high = component_range(component) if value_range is None else (float(v) for v in value_range)
     if points < 2 or not low < high:
@@ -52,6 +46,13 @@ def fit_line(requested: np.ndarray, measured: np.ndarray) -> dict[str, float]:
 
 def plot_curve(frame: pd.DataFrame, component: str, fit: dict[str, float], path: Path) -> Path:
     """Requested vs measured: each image, the per-value mean ± std, and the identity line a perfect adapter follows."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # file-only backend
+    import matplotlib.pyplot as plt
+
+    from blendexp.expressions import component_label
+
     stats = frame.groupby("requested")["measured"].agg(["mean", "std"]).reset_index()
     fig, ax = plt.subplots(figsize=(5, 4.5))
     lo, hi = float(frame["requested"].min()), float(frame["requested"].max())
@@ -71,6 +72,12 @@ def plot_curve(frame: pd.DataFrame, component: str, fit: dict[str, float], path:
 
 def controllability(cfg: DictConfig) -> dict[str, Any]:
     """Run the sweep; returns the written files and the fitted line (what tests and sweeps read)."""
+    import pandas as pd
+
+    from blendexp.callbacks import image_grid
+    from blendexp.commands import check_expressions, check_identity, container, load_session, sampling
+    from blendexp.expressions import apply_edits
+
     start = time.perf_counter()
     component = str(cfg.component)
     values = sweep_values(component, container(cfg.range), int(cfg.points))
@@ -107,6 +114,8 @@ def controllability(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="controllability")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
+    from blendexp.commands import run_command
+
     run_command(controllability, cfg)
 
 

@@ -8,21 +8,18 @@ endpoint ``/generate`` is also what ``gradio_client`` scripts (and the tests) ca
 from __future__ import annotations
 
 import logging
-import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.commands import USER_ERRORS, check_identity, load_session, run_command, user_error
-from blendexp.data.format import component_index
-from blendexp.expressions import component_label, component_range, describe, load_presets, main_components, preset
-from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+
+if TYPE_CHECKING:  # loaded in serve(): --help and --cfg job compose without torch and diffusers
+    from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' prompt-embedding and deprecation notices
 SLIDER_STEPS = 100  # slider resolution: a hundredth of each component's range
 
 
@@ -31,16 +28,24 @@ class DemoApp:
 
     def __init__(self, pipe: ExpressionPipeline, face: FaceIdentity, cfg: DictConfig) -> None:
         """Keep the loaded pipeline, the configured identity (used when no photo is given) and the defaults."""
+        from blendexp.expressions import main_components
+
         self.pipe, self.face, self.cfg = pipe, face, cfg
         self.components = main_components()
 
     def slider_values(self, name: str) -> list[float]:
         """A preset's values of the slider components (choosing a preset moves the sliders)."""
+        from blendexp.data.format import component_index
+        from blendexp.expressions import preset
+
         exp = preset(name)
         return [float(exp[component_index(c)]) for c in self.components]
 
     def expression(self, driving: np.ndarray | None, preset_name: str, values: tuple[float, ...]) -> np.ndarray:
         """The driving image's SMIRK vector if one is given, else the preset with the sliders' values."""
+        from blendexp.data.format import component_index
+        from blendexp.expressions import preset
+
         if driving is not None:
             return self.pipe.expression_from_image(driving)
         exp = preset(preset_name)
@@ -52,6 +57,9 @@ class DemoApp:
                  guidance: float, preset_name: str, *values: float) -> tuple[list[np.ndarray], dict[str, float]]:
         """Images for the page's settings and the non-zero components of the FLAME vector used."""
         import gradio as gr
+
+        from blendexp.commands import USER_ERRORS, user_error
+        from blendexp.expressions import describe
 
         try:
             face = self.face if identity is None else self.pipe.identity_from_image(identity)
@@ -69,6 +77,8 @@ class DemoApp:
     def build(self) -> Any:
         """The Blocks page; ``/generate`` takes the inputs in the order listed under "Use via API"."""
         import gradio as gr
+
+        from blendexp.expressions import component_label, component_range, load_presets
 
         cfg = self.cfg
         with gr.Blocks(title="blendexp: blendshape-guided faces", analytics_enabled=False) as page:
@@ -108,6 +118,8 @@ def serve(cfg: DictConfig) -> None:
         import gradio  # noqa: F401
     except ImportError as err:
         raise ValueError("the demo needs gradio: install the demo extra (uv run --extra demo ...)") from err
+    from blendexp.commands import check_identity, load_session
+
     check_identity(cfg)
     pipe, face, _ = load_session(cfg)
     page = DemoApp(pipe, face, cfg).build()
@@ -119,6 +131,8 @@ def serve(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
+    from blendexp.commands import run_command
+
     run_command(serve, cfg)
 
 

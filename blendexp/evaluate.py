@@ -16,29 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.eval.report import log_to_loggers, write_report
-from blendexp.eval.suite import run_suite
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
-# insightface's alignment calls a scikit-image API deprecated in 0.26, once per face crop; nothing to act on here.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run the configured evaluation and return ``{"<method>/<metric>": mean}`` (what a sweep reads)."""
+    import torch  # here, not at the top: --help and --cfg job compose without loading torch
+
+    from blendexp.eval.report import log_to_loggers, write_report
+    from blendexp.eval.suite import run_suite
+
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_cfg: dict[str, Any] = OmegaConf.to_container(cfg.eval, resolve=True)  # type: ignore[assignment]
-    result = run_suite(eval_cfg, out, device=cfg.device, seed=cfg.seed)
+    with warnings.catch_warnings():  # insightface's alignment calls a scikit-image API deprecated in 0.26, per crop
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.")
+        result = run_suite(eval_cfg, out, device=cfg.device, seed=cfg.seed)
     files = write_report(result, out, int(eval_cfg.get("report", {}).get("grid_pairs", 8)))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     for lg in loggers:

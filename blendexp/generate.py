@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
@@ -20,14 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.callbacks import image_grid
-from blendexp.commands import check_expressions, check_identity, container, load_session, run_command, sampling
-from blendexp.expressions import NamedExpression, apply_edits, describe, interpolate
-from blendexp.pipeline import ExpressionPipeline, FaceIdentity
-from blendexp.toyworld.video import write_video
 
-# diffusers warns that the ID prompt is passed as embeddings and about deprecated pipeline arguments; not actionable.
-warnings.filterwarnings("ignore", category=FutureWarning)
+if TYPE_CHECKING:  # the commands import torch and diffusers inside, so --help and --cfg job compose without them
+    from blendexp.expressions import NamedExpression
+    from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+
 GRID_COLUMNS = 8  # frames per row of a transition's contact sheet
 
 
@@ -63,6 +59,10 @@ def write_gif(frames: np.ndarray, path: Path, fps: float) -> Path:
 def _expression_grid(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdentity, reference: np.ndarray | None,
                      out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Images of every (expression, sample) and the grid; returns (files, what settings.json records)."""
+    from blendexp.callbacks import image_grid
+    from blendexp.commands import container, sampling
+    from blendexp.expressions import apply_edits, describe
+
     named = _unique([(n, apply_edits(e, container(cfg.edits))) for n, e in pipe.load_expressions(container(cfg.expression))])
     samples = int(cfg.samples)
     images = pipe(face, np.stack([e for _, e in named]), reference, num_images=samples, **sampling(cfg))
@@ -80,6 +80,11 @@ def _expression_grid(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdenti
 def _transition(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdentity, reference: np.ndarray | None,
                 out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """An interpolated sequence through the keyframes, all frames from the same noise; GIF, MP4 and contact sheet."""
+    from blendexp.callbacks import image_grid
+    from blendexp.commands import container, sampling
+    from blendexp.expressions import apply_edits, describe, interpolate
+    from blendexp.toyworld.video import write_video
+
     keys = [(n, apply_edits(e, container(cfg.edits))) for n, e in pipe.load_expressions(container(cfg.transition.keyframes))]
     path = interpolate([e for _, e in keys], int(cfg.transition.frames), str(cfg.transition.ease))
     frames = pipe(face, path, reference, num_images=1, **sampling(cfg))
@@ -97,6 +102,8 @@ def _transition(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdentity, r
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured generation and return the written files by kind (what tests and scripts read)."""
+    from blendexp.commands import check_expressions, check_identity, load_session
+
     start = time.perf_counter()
     check_identity(cfg)
     check_expressions(cfg.transition.keyframes if cfg.transition.keyframes is not None else cfg.expression, cfg.edits)
@@ -129,6 +136,8 @@ def summary(files: dict[str, Any], settings: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
+    from blendexp.commands import run_command
+
     run_command(generate, cfg)
 
 

@@ -11,16 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from blendexp.eval.sweep_report import write_sweep_report
-
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI; a missing or empty sweep folder is one clear line and exit status 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="a multirun folder (hydra.sweep.dir)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the sweep folder)")
     args = parser.parse_args(argv)
+    from blendexp.eval.sweep_report import write_sweep_report  # pandas and matplotlib: not needed for --help
+
     try:
         files = write_sweep_report(args.sweep, args.out)
     except FileNotFoundError as err:

@@ -10,21 +10,19 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.job import finish_runs, in_sweep, resume_path, write_result
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
-# The frozen base is kept in eval mode on purpose (no dropout in frozen parts); Lightning warns about it.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -34,6 +32,11 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured recipe and return the final logged metrics (what a sweep optimises)."""
+    import lightning as L  # here, not at the top: --help and --cfg job compose without loading torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from blendexp.job import finish_runs, resume_path
+
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # fail on bad shard paths before loading any model
@@ -47,7 +50,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path"), trainer))
+        with warnings.catch_warnings():  # the frozen base stays in eval mode on purpose (no dropout in frozen parts)
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path"), trainer))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("evaluate_after") and trainer.is_global_zero:
             metrics.update(evaluate_run(cfg.evaluation, model, trainer, cfg.seed))
@@ -83,6 +88,8 @@ def summary(trainer: L.Trainer, callbacks: list[Any], metrics: dict[str, float])
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry; records ``result.json``. User errors become one clear line and exit status 1 instead of a
     traceback; in a sweep a failed job is recorded and logged, and the other jobs go on."""
+    from blendexp.job import in_sweep, write_result
+
     write_result("running")
     try:
         metrics = train(cfg)

@@ -21,23 +21,17 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
-import torch
-import webdataset as wds
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from tqdm import tqdm
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.data.annotate import BUILDER_VERSION, REASONS, annotate
-from blendexp.data.datamodule import REMOTE_PREFIXES
 from blendexp.data.format import FORMAT_VERSION
-from blendexp.data.inputs import Task, plan_tasks
-from blendexp.faces.expression import SmirkExpressionEncoder, save_smirk_checkpoint
-from blendexp.faces.identity import export_arcface_onnx
+
+if TYPE_CHECKING:  # torch-backed modules load inside the functions: --help and --cfg job compose without them
+    from blendexp.data.inputs import Task
 
 log = logging.getLogger(__name__)
 TAR_MTIME = 946684800  # 2000-01-01, an int: fixed member times give byte-identical shards (a float adds pax headers)
@@ -54,6 +48,8 @@ def file_id(kind: str, path: str | Path) -> str:
 
 def is_remote(url: str) -> bool:
     """Shards written through a command or to an object store cannot be renamed or checked locally."""
+    from blendexp.data.datamodule import REMOTE_PREFIXES
+
     return url.startswith(REMOTE_PREFIXES)
 
 
@@ -108,6 +104,8 @@ class ShardPacker:
 
     def _open(self) -> None:
         """Start the next shard under a temporary local name."""
+        import webdataset as wds
+
         url = self.url(len(self.markers))
         self.tmp = (self.work / f"{self.source}-{len(self.markers):06d}.tar") if is_remote(url) else Path(url)
         self.tmp = self.tmp.with_name(self.tmp.name + ".tmp")
@@ -116,6 +114,8 @@ class ShardPacker:
 
     def _close(self, next_start: tuple[int, int]) -> None:
         """Finish the open shard: rename (or upload) it, then write its done marker naming where the next starts."""
+        import webdataset as wds
+
         self.writer.close()
         self.writer = None
         url = self.url(len(self.markers))
@@ -178,6 +178,8 @@ def brace_form(urls: list[str]) -> str:
 
 def check_plan(cfg: Mapping[str, Any], plan: dict[str, list[Task]]) -> None:
     """Refuse to resume a build made from other inputs or settings (unless ``overwrite``), then record this plan."""
+    from blendexp.data.annotate import BUILDER_VERSION
+
     def stat(path: str) -> list[int]:
         """Size and mtime, so edited inputs change the fingerprint (-1 for a missing file)."""
         try:
@@ -206,6 +208,8 @@ def check_plan(cfg: Mapping[str, Any], plan: dict[str, list[Task]]) -> None:
 
 def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elapsed: float) -> dict[str, Any]:
     """manifest.json (shards and counts per source, subject, clip), rejects.jsonl and stats.json in ``out``."""
+    from blendexp.data.annotate import BUILDER_VERSION, REASONS
+
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "builder": BUILDER_VERSION,
@@ -274,6 +278,12 @@ def render_toy(toy: Mapping[str, Any]) -> Path:
 
 def ensure_tiny_annotators(folder: str | Path) -> tuple[Path, Path]:
     """A random ArcFace ONNX and SMIRK checkpoint in the official formats, for offline builds (written once)."""
+    import torch
+    from torch import nn
+
+    from blendexp.faces.expression import SmirkExpressionEncoder, save_smirk_checkpoint
+    from blendexp.faces.identity import export_arcface_onnx
+
     arcface, smirk = Path(folder) / "antelopev2" / "arcface.onnx", Path(folder) / "smirk" / "SMIRK_em1.pt"
     if not arcface.exists():
         torch.manual_seed(0)
@@ -311,6 +321,11 @@ def resolve_models(cfg: dict[str, Any]) -> None:
 
 def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Build (or resume) every configured source's shards and write the reports; returns manifest and stats."""
+    from tqdm import tqdm
+
+    from blendexp.data.annotate import annotate
+    from blendexp.data.inputs import plan_tasks
+
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     c.pop("hydra", None)
     if int(c["video"]["stride"]) < 1 or int(c["shard"]["maxcount"]) < 1:
