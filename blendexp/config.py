@@ -1,16 +1,46 @@
-"""OmegaConf resolvers used by the configs (imported by every entry point before Hydra composes)."""
+"""OmegaConf resolvers used by the configs (imported by every entry point before Hydra composes), and where the
+project's folders are when the package runs from a checkout or from an installed wheel."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when the package runs from one
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # packaged configs: the entry points' config_path
+ROOT_ENV = "BLENDEXP_ROOT"
+log = logging.getLogger(__name__)
+
+
+def project_root() -> str:
+    """``paths.root``: ``$BLENDEXP_ROOT``, else the checkout the package runs from (source or editable install), else
+    the working directory (an installed wheel: outputs land where the command runs, not in site-packages)."""
+    if os.environ.get(ROOT_ENV):
+        return str(Path(os.environ[ROOT_ENV]).expanduser().resolve())
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "data").is_dir():
+        return str(REPO_ROOT)
+    return str(Path.cwd())
+
+
+class CheckEmbeddedData(Callback):
+    """Name what is missing when the embedded default's folder (``paths.data``: sample shards, shipped toy base) is
+    absent, as from an installed wheel run outside a checkout; the loaders then name the exact file."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Log one actionable line before anything loads (a warning: a run given its own inputs does not need it)."""
+        data = Path(str(config.paths.data))
+        if not data.is_dir():
+            log.warning("paths.data=%s does not exist, so the embedded default's inputs (sample shards data/sample, "
+                        "toy base data/toy) are missing: they ship with the repository, not the wheel; run from a "
+                        "checkout, set %s=<checkout> or paths.data=<checkout>/data, or give your own inputs",
+                        data, ROOT_ENV)
 
 
 def wandb_offline() -> bool:
@@ -50,7 +80,7 @@ def job_name(single: str) -> str:
 
 def register_resolvers() -> None:
     """Make the ``${blendexp.*}`` resolvers available (idempotent)."""
-    OmegaConf.register_new_resolver("blendexp.root", lambda: str(REPO_ROOT), replace=True)
+    OmegaConf.register_new_resolver("blendexp.root", project_root, replace=True)
     OmegaConf.register_new_resolver("blendexp.wandb_offline", wandb_offline, replace=True)
     OmegaConf.register_new_resolver("blendexp.run_id", run_id, replace=True)
     OmegaConf.register_new_resolver("blendexp.sweep_name", sweep_name, replace=True)

@@ -231,7 +231,7 @@ def _base(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
 
     run_dir = root / "runs" / "base"
     b = cfg.base
-    cmd = [sys.executable, "-m", "blendexp.train", "+experiment=toy_base", f"paths.toy={root}",
+    cmd = [sys.executable, "-m", "blendexp.train", "+experiment=toy_base", f"paths.toy_world={root}",
            f"hydra.run.dir={run_dir}", f"seed={cfg.seed}", f"trainer.max_steps={b.steps}",
            f"data.batch_size={b.batch_size}", f"model.optim.lr={b.lr}", *b.overrides]
     log.info("training the toy base: %s", " ".join(cmd))
@@ -282,8 +282,8 @@ STEPS = (
 
 def _recipe_text() -> str:
     """The base recipe's config files: editing them must retrain the base, as changing a setting here does."""
-    conf = CONF_DIR
-    return "".join((conf / f).read_text() for f in ("experiment/toy_base.yaml", "model/arc2face_base.yaml"))
+    recipe = ("experiment/toy_base.yaml", "model/arc2face_base.yaml", "base/arc2face.yaml", "optim/adamw.yaml")
+    return "".join((CONF_DIR / f).read_text() for f in recipe)
 
 
 def _cpu_seconds() -> float:

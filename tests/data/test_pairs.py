@@ -84,7 +84,7 @@ def test_toy_preset_builds_what_toy_video_data_reads(tmp_path: Path) -> None:
     small = ["toy.stills.subjects=2", "toy.stills.per_subject=3", "toy.videos.subjects=1", "toy.videos.clips=1",
              "toy.videos.frames=12", "toy.seed=1", "toy.val.subjects=1", "toy.val.per_subject=3", "toy.size=96", "num_workers=0",
              f"paths.cache={tmp_path}/cache", f"paths.data={tmp_path}/data",
-             f"paths.toy={REPO}/data/toy"]  # outputs go to tmp; the shipped toy annotators stay the default
+             f"paths.toy_base={REPO}/data/toy"]  # outputs go to tmp; the shipped toy annotators stay the default
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         result = build(compose("build", overrides=["data/build=toy", *small]))
         data_cfg = compose("train", overrides=["+experiment=expr_adapter", "data=toy_video",
