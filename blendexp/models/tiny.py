@@ -121,7 +121,11 @@ def save_tiny_base(root: str | Path, seed: int = 0, latent_channels: int = 4) ->
         model.save_pretrained(folder)
     for folder in (models / "encoder", sd15 / "text_encoder"):
         _use_official_clip_keys(folder / "model.safetensors")
-    PNDMScheduler(**SD15_SCHEDULER).save_pretrained(sd15 / "scheduler")
+    scheduler = PNDMScheduler(**SD15_SCHEDULER)
+    # As in SD 1.5's scheduler_config.json: the DDPM scheduler loaded from it then has no clip_sample, about which
+    # every StableDiffusionPipeline would print a deprecation message with the whole config.
+    scheduler.register_to_config(clip_sample=False)
+    scheduler.save_pretrained(sd15 / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
              "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from blendexp.models.arc2face import Arc2FaceBase, _is_local, id_prompt_embeds, id_prompt_ids
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,16 @@ def test_tiny_layout_matches_official(tiny_base: tuple[Path, Path]) -> None:
         assert (sd15 / f).is_file(), f
     with safe_open(models / "encoder" / "model.safetensors", "pt") as f:
         assert all(k.startswith("text_model.") for k in f.keys())  # transformers-4 era keys, as released
+
+
+@pytest.mark.parametrize("which", ["tiny", "shipped toy"])
+def test_pipeline_without_scheduler_config_dump(which: str, tiny_base: tuple[Path, Path]) -> None:
+    """SD 1.5's scheduler config sets clip_sample false; without it every pipeline warns with the whole config."""
+    models, sd15 = tiny_base if which == "tiny" else (REPO / "data/toy/models", REPO / "data/toy/stable-diffusion-v1-5")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Arc2FaceBase.from_pretrained(models, sd15).pipeline()
+    assert [str(w.message)[:200] for w in caught if "clip_sample" in str(w.message)] == []
 
 
 def test_prompt_tokenises_to_single_id_token(base: Arc2FaceBase) -> None:
