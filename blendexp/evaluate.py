@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_cfg: dict[str, Any] = OmegaConf.to_container(cfg.eval, resolve=True)  # type: ignore[assignment]
-    with warnings.catch_warnings():  # insightface's alignment calls a scikit-image API deprecated in 0.26, per crop
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.")
-        result = run_suite(eval_cfg, out, device=cfg.device, seed=cfg.seed)
+    result = run_suite(eval_cfg, out, device=cfg.device, seed=cfg.seed)
     files = write_report(result, out, int(eval_cfg.get("report", {}).get("grid_pairs", 8)))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     for lg in loggers:

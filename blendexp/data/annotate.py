@@ -7,7 +7,6 @@ largest face of the first frame with a face by IoU. Every dropped image or frame
 from __future__ import annotations
 
 import multiprocessing as mp
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -23,8 +22,6 @@ from blendexp.faces.identity import build_identity_encoder
 
 BUILDER_VERSION = "blendexp.data.build/1"
 REASONS = ("no face", "several faces", "too small", "low score", "decode error")
-# insightface's norm_crop calls a scikit-image API deprecated in 0.26; harmless, but printed once per worker.
-warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two xyxy boxes (frame-to-frame tracking)."""

@@ -9,6 +9,7 @@ with the edge blur FFHQ uses, warped at up to 4x the output size and area-downsa
 from __future__ import annotations
 
 import math
+import warnings
 
 import cv2
 import numpy as np
@@ -112,4 +113,6 @@ def arcface_crop(image_rgb: np.ndarray, landmarks5: np.ndarray) -> np.ndarray:
     from insightface.utils.face_align import norm_crop
 
     img = ensure_rgb(image_rgb)
-    return norm_crop(img, landmark=_check_landmarks(landmarks5).astype(np.float32), image_size=ARCFACE_SIZE)
+    with warnings.catch_warnings():  # norm_crop calls a scikit-image API deprecated in 0.26; nothing to act on here
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.")
+        return norm_crop(img, landmark=_check_landmarks(landmarks5).astype(np.float32), image_size=ARCFACE_SIZE)
