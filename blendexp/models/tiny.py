@@ -13,20 +13,21 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from blendexp.data.format import ID_DIM
-from blendexp.models.arc2face import ID_PROMPT, Arc2FaceTextEncoder
+
+if TYPE_CHECKING:  # torch, diffusers and transformers load in the functions: the CLI's --help needs none of them
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from blendexp.models.arc2face import Arc2FaceTextEncoder
 
 log = logging.getLogger(__name__)
 
 TEXT_WIDTH = ID_DIM  # the ID must fit into a token embedding
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
-WORDS = tuple(ID_PROMPT.split()) + ("face", "smile", "neutral")
+WORDS = ("photo", "of", "a", "id", "person", "face", "smile", "neutral")  # the words of arc2face.ID_PROMPT and a few
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 
@@ -63,6 +64,8 @@ def tiny_bpe(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[str]]
 
 def save_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     """Write vocab.json/merges.txt and the tokenizer config, and return the tokenizer loaded back."""
+    from transformers import CLIPTokenizer
+
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = tiny_bpe()
     (folder / "vocab.json").write_text(json.dumps(vocab))
@@ -75,6 +78,10 @@ def save_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
 
 def tiny_text_encoder(vocab_size: int, eos_id: int, bos_id: int) -> Arc2FaceTextEncoder:
     """One-layer CLIP text encoder as wide as the identity embedding."""
+    from transformers import CLIPTextConfig
+
+    from blendexp.models.arc2face import Arc2FaceTextEncoder
+
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
                          num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
                          eos_token_id=eos_id, bos_token_id=bos_id, pad_token_id=eos_id)
@@ -83,6 +90,8 @@ def tiny_text_encoder(vocab_size: int, eos_id: int, bos_id: int) -> Arc2FaceText
 
 def tiny_unet(sample_size: int = 8, latent_channels: int = 4) -> UNet2DConditionModel:
     """Two-level cross-attention UNet with SD 1.5's block types, small enough for CPU training."""
+    from diffusers import UNet2DConditionModel
+
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
         block_out_channels=(32, 64),
@@ -94,6 +103,8 @@ def tiny_unet(sample_size: int = 8, latent_channels: int = 4) -> UNet2DCondition
 def tiny_vae(latent_channels: int = 4, widths: tuple[int, ...] = (8, 16, 16, 16)) -> AutoencoderKL:
     """AutoencoderKL with SD's 8× downsampling (4 blocks; SD 1.5's 4 latent channels by default), ``widths`` wide:
     a few thousand parameters by default."""
+    from diffusers import AutoencoderKL
+
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1, norm_num_groups=8,
         block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * len(widths),
@@ -103,6 +114,8 @@ def tiny_vae(latent_channels: int = 4, widths: tuple[int, ...] = (8, 16, 16, 16)
 
 def _use_official_clip_keys(path: Path) -> None:
     """Rewrite CLIP weights with the ``text_model.`` prefix that the official (transformers 4) files carry."""
+    from safetensors.torch import load_file, save_file
+
     state = load_file(path)
     save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, path,
               metadata={"format": "pt"})
@@ -110,6 +123,9 @@ def _use_official_clip_keys(path: Path) -> None:
 
 def save_tiny_base(root: str | Path, seed: int = 0, latent_channels: int = 4) -> tuple[Path, Path]:
     """Create and save a tiny random base (VAE and UNet with ``latent_channels``); returns (models dir, SD 1.5 dir)."""
+    import torch
+    from diffusers import PNDMScheduler
+
     root = Path(root)
     models, sd15 = root / "models", root / "stable-diffusion-v1-5"
     torch.manual_seed(seed)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from blendexp.data.format import ID_DIM, FaceSample, encode_sample, make_key
@@ -55,6 +54,8 @@ def write_split(out: Path, split: str, subjects: range, per_subject: int, size: 
     and slowly drifting pose and light: the Reference Adapter's (reference, target) pairs). ``embed`` maps one
     subject's (N, size, size, 3) uint8 faces to (N, 512) unit vectors, e.g. a trained toy recogniser (then name it
     in ``id_model``); without it every face gets ``gt_identity_embedding``."""
+    import webdataset as wds  # here: it loads torch, which --help does not need
+
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
@@ -76,7 +77,6 @@ def write_split(out: Path, split: str, subjects: range, per_subject: int, size: 
 
 def main() -> None:
     """CLI: deterministic sample shards (data/sample/README.md gives the command that made the shipped ones)."""
-    from blendexp.toyworld.assets import TOY_ID_MODEL, toy_embedder  # the assets module imports this one
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
@@ -90,6 +90,8 @@ def main() -> None:
                    help="embed faces with this recogniser ONNX (e.g. data/toy/models/antelopev2/arcface.onnx, the "
                         "trained toy one) instead of the fixed projection of the true identity")
     a = p.parse_args()
+    from blendexp.toyworld.assets import TOY_ID_MODEL, toy_embedder  # imports this module; loads torch
+
     embed = dict(embed=toy_embedder(a.arcface), id_model=TOY_ID_MODEL) if a.arcface else {}
     n_train = write_split(a.out, "train", range(a.train_subjects), a.per_subject, a.size, a.seed, a.per_shard, **embed)
     n_val = write_split(a.out, "val", range(a.train_subjects, a.train_subjects + a.val_subjects), a.per_subject,
