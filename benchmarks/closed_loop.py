@@ -26,6 +26,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,20 +79,23 @@ def base_overrides(toy: dict[str, Path]) -> list[str]:
 
 
 def run(module: str, *overrides: str) -> None:
-    """Run an entry point as a user would; stop with its output when it fails."""
+    """Run an entry point as a user would; stop with its output when it fails, else say how long it took."""
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, text=True, capture_output=True)
     if proc.returncode != 0:
         sys.exit(f"{module} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    print(f"{module}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: int, device: str, *overrides: str) -> Path:
+def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: int, a: argparse.Namespace,
+          *overrides: str) -> Path:
     """One adapter's run folder, trained now unless a finished export is already there."""
     run_dir = out / experiment / "closed_loop"
     if (run_dir / "export").is_dir() and any((run_dir / "export").iterdir()):
         print(f"reusing {run_dir}")
         return run_dir
-    trainer = ["trainer=gpu"] if device.startswith("cuda") else []
-    run("blendexp.train", f"+experiment={experiment}", "run_name=closed_loop", f"paths.outputs={out}",
+    trainer = ["trainer=gpu"] if a.device.startswith("cuda") else []
+    run("blendexp.train", f"+experiment={experiment}", "run_name=closed_loop", f"paths.outputs={out}", f"seed={a.seed}",
         *base_overrides(toy), "model.base.tiny_root=null", f"data.val_shards={data}/shards/val-*.tar",
         f"trainer.max_steps={steps}", "callbacks.samples.every_n_steps=0", *trainer, *overrides)
     return run_dir
@@ -116,7 +120,7 @@ def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path,
         name += "_negmean"
         mean = mean_expression(f"{shards}/train-*.tar", out / "train_mean_expression.npy")
         negative = [f"eval.methods.{m}.negative_expression={mean}" for m in ("expr_adapter", "expr_ref")]
-    run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}",
+    run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}", f"seed={a.seed}",
         *base_overrides(toy), "eval.base.tiny_root=null",
         f"eval.sources.path={shards}/val-*.tar", f"eval.sources.limit={a.sources}",
         f"eval.targets.path={shards}/val-*.tar", "eval.targets.per_subject=null", "eval.targets.offset=0",
@@ -173,6 +177,7 @@ def main() -> None:
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps")
     p.add_argument("--size", type=int, default=64, help="image size (the toy shards' size)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of both trainings and of the evaluation's samples")
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
     a = p.parse_args()
     toy, out = toy_layout(a.toy.resolve()), a.out.resolve()
@@ -181,14 +186,14 @@ def main() -> None:
     if missing:
         sys.exit("closed loop: toy-world assets missing:\n  " + "\n  ".join(missing) + "\nBuild them first: "
                  f"python -m blendexp.toyworld.assets --root {a.toy}")
-    expr = train("expr_adapter", out, toy, data, a.expr_steps, a.device, f"data.batch_size={a.batch_size}",
+    expr = train("expr_adapter", out, toy, data, a.expr_steps, a, f"data.batch_size={a.batch_size}",
                  f"data.sources.stills.shards={data}/shards/train-*.tar", *a.expr_overrides)
     # clip frames pair within their clip; the held-out stills (validation) pair within their subject
-    ref = train("ref_adapter", out, toy, data, a.ref_steps, a.device, f"data.batch_size={a.batch_size}",
+    ref = train("ref_adapter", out, toy, data, a.ref_steps, a, f"data.batch_size={a.batch_size}",
                 f"data.sources.stills.shards={data}/clips/clips-*.tar", "data.pairs.stills=true",
                 f"model.expression_adapter={expr}/export")
     report = evaluate(out, toy, data, expr, ref, a)
-    result = {"expr_scale": a.expr_scale, "negative_expression": a.negative_expression,
+    result = {"expr_scale": a.expr_scale, "negative_expression": a.negative_expression, "seed": a.seed,
               **summarise(report, readable_components(toy))}
     (out / f"{report.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"readable components: {', '.join(result['readable_components'])}")

@@ -38,3 +38,10 @@ def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+def missed_thresholds(figures: dict[str, float], thresholds: dict[str, tuple[str, float]]) -> list[str]:
+    """Every figure that misses its threshold (``(op, limit)``, op one of > >= < <=), as readable lines."""
+    ops = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    return [f"{name} = {figures[name]:.4f}, expected {op} {limit}" for name, (op, limit) in thresholds.items()
+            if not ops[op](float(figures[name]), float(limit))]

@@ -20,6 +20,7 @@ import pytest
 from blendexp.config import REPO_ROOT
 from blendexp.toyworld.assets import SHIPPED_ROOT, TOY_ID_MODEL, toy_embedder
 from blendexp.toyworld.shards import write_split
+from tests.conftest import missed_thresholds
 
 TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 300, 8, 40
 
@@ -35,21 +36,37 @@ def toy_data(root: Path) -> Path:
     return root
 
 
+# The reduced closed loop's thresholds, each below the worst of its runs over seeds and CPU code paths with the margin
+# recorded in tests/margins/closed_loop.json (``python scripts/measure_margins.py closed-loop``). The shipped base draws
+# the identity it is given (about 0.55 cosine on the toy recogniser, 0 for strangers) and the adapter must not lose it.
+THRESHOLDS = {"arc2face_id_sim": (">", 0.3), "id_ratio": (">=", 0.9)}
+
+
+def closed_loop_command(data: Path, out: Path) -> list[str]:
+    """The reduced closed loop (also run by scripts/measure_margins.py, with ``--seed``)."""
+    return [sys.executable, "benchmarks/closed_loop.py", "--toy", str(SHIPPED_ROOT), "--data", str(data),
+            "--out", str(out), "--expr-steps", "300", "--ref-steps", "150", "--batch-size", "16",
+            "--sources", "6", "--targets", "6", "--gen-steps", "10", "--expr-scale", "1"]
+
+
+def closed_loop_figures(out: Path) -> dict[str, float]:
+    """The ratios of the run in ``out`` (named after its non-default scale) and Arc2Face's own ID similarity."""
+    result = json.loads((out / "closed_loop_scale1.json").read_text())
+    return {"arc2face_id_sim": result["methods"]["arc2face"]["id_sim"], "id_ratio": result["id_ratio"],
+            "expr_ratio": result["expr_ratio"], "bg_l1_ref_vs_expr": result["bg_l1_ref_vs_expr"]}
+
+
 @pytest.mark.slow
 def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path) -> None:
     data = toy_data(tmp_path / "data")
-    cmd = [sys.executable, "benchmarks/closed_loop.py", "--toy", str(SHIPPED_ROOT), "--data", str(data),
-           "--out", str(tmp_path / "out"), "--expr-steps", "300", "--ref-steps", "150", "--batch-size", "16",
-           "--sources", "6", "--targets", "6", "--gen-steps", "10", "--expr-scale", "1"]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+    res = subprocess.run(closed_loop_command(data, tmp_path / "out"), cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=3000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    result = json.loads((tmp_path / "out" / "closed_loop_scale1.json").read_text())  # named after a non-default scale
+    result = json.loads((tmp_path / "out" / "closed_loop_scale1.json").read_text())
     assert set(result["methods"]) == {"arc2face", "expr_adapter", "expr_ref"}
     assert "jaw.0" in result["readable_components"]  # what the toy SMIRK reads on decoded faces
-    # The shipped base draws the identity it is given (about 0.55 cosine on the toy recogniser, 0 for strangers) and
-    # the adapter must not lose it; measured at full size: 0.99.
-    assert result["methods"]["arc2face"]["id_sim"] > 0.3
-    assert result["id_ratio"] >= 0.9 and result["id_goal_met"], result
+    figures = closed_loop_figures(tmp_path / "out")
+    assert missed_thresholds(figures, THRESHOLDS) == [] and result["id_goal_met"], result
     for key in ("expr_ratio", "bg_l1_ref_vs_expr"):
-        assert 0 < result[key] < 10, result
+        assert 0 < figures[key] < 10, result
     assert "expr_adapter / arc2face expression error" in res.stdout

@@ -14,7 +14,7 @@ import webdataset as wds
 
 from blendexp.toyworld import assets
 from blendexp.toyworld.assets import ARCFACE, SMIRK, STEPS, TOY_ID_MODEL, QUICK, AssetsConfig, Step, build
-from tests.conftest import run_cli
+from tests.conftest import missed_thresholds, run_cli
 
 FILES = [ARCFACE, SMIRK, "renders/train.npz", "renders/heldout.npz", "vae/config.json",
          "vae/diffusion_pytorch_model.safetensors", "shards/train-000000.tar", "shards/val-000000.tar", "clips/clips-000000.tar",
@@ -28,7 +28,7 @@ FILES = [ARCFACE, SMIRK, "renders/train.npz", "renders/heldout.npz", "vae/config
 def quick_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """A --quick build in a fresh root, run as users run it (about 2-3 minutes on 2 idle cores)."""
     root = tmp_path_factory.mktemp("toy")
-    res = run_cli("blendexp.toyworld.assets", "--root", str(root), "--quick", timeout=1800)
+    res = run_cli("blendexp.toyworld.assets", "--root", str(root), "--quick", timeout=3600)
     assert res.returncode == 0, res.stderr[-4000:]
     return root, res
 
@@ -74,25 +74,40 @@ def test_quick_build_writes_every_asset_in_the_real_formats(quick_build) -> None
         assert key in metrics
 
 
+# The quick build (60 identities; 60/300/400 steps for recogniser/expression encoder/VAE) against trivial baselines:
+# chance is 0.5 for the recogniser's AUC and accuracy (one that saw only hair colour would sit near 0.7); the mean
+# predictor, the best constant, for the expression encoder, which must beat it clearly on the jaw opening, the largest
+# change in the image and the first it learns; the mean face (blurry, right on average, ~13 dB) for the VAE. Each
+# threshold sits below the worst of 10 builds (seeds 0-4, each with native and AVX2-capped kernels) with the margin
+# recorded in tests/margins/quick_build.json (``python scripts/measure_margins.py quick-build``): the outcome of a short
+# training differs between CPUs as between seeds.
+THRESHOLDS = {
+    "identity.roc_auc": (">", 0.8),
+    "identity.roc_auc_64px": (">", 0.8),
+    "identity.verification_accuracy": (">", 0.7),
+    "expression.jaw_open_vs_mean_predictor": ("<", 0.8),
+    "vae.psnr_gain_db": (">", 2.5),
+}
+
+
+def quick_build_figures(metrics: dict[str, Any]) -> dict[str, float]:
+    """The thresholded figures of a build's metrics.json (also read by scripts/measure_margins.py)."""
+    ident, exp, vae = metrics["identity_encoder"], metrics["expression_encoder"], metrics["vae"]
+    jaw_mae, jaw_mean = exp["per_component_mae_vs_mean_predictor"]["jaw.0 (jaw_open)"]
+    return {"identity.roc_auc": ident["roc_auc"], "identity.roc_auc_64px": ident["roc_auc_64px"],
+            "identity.verification_accuracy": ident["verification_accuracy"],
+            "expression.jaw_open_vs_mean_predictor": jaw_mae / jaw_mean,
+            "vae.psnr_gain_db": vae["psnr"] - vae["mean_image_psnr"]}
+
+
 @pytest.mark.slow
 def test_quick_build_beats_trivial_baselines(quick_build) -> None:
-    # Thresholds for the quick build (60 identities; 60/300/400 steps for recogniser/expression encoder/VAE): far above
-    # chance where the quick build learns, with margin to what it reaches (measured: AUC 0.96, accuracy 0.91; jaw_open
-    # 0.67 of the mean predictor's error, the rest ~1.0 with 30% of its faces degraded; VAE +3.5 dB). The full build's
-    # numbers (README of its root; the project README) are far better: the expression encoder needs ~700 steps from
-    # scratch before it reads the finer components, more than a test can afford.
     m = json.loads((quick_build[0] / "metrics.json").read_text())
-    ident, exp, vae = m["identity_encoder"], m["expression_encoder"], m["vae"]
-    # Chance is 0.5 for both; a recogniser that only saw hair colour would sit near 0.7.
-    assert ident["roc_auc"] > 0.8 and ident["roc_auc_64px"] > 0.8
-    assert ident["verification_accuracy"] > 0.7
-    # The mean predictor is the best constant: the encoder must beat it clearly on the jaw opening, the largest
-    # change in the image, which it learns first; its error on VAE round trips is reported for every component.
-    per = exp["per_component_mae_vs_mean_predictor"]
-    assert per["jaw.0 (jaw_open)"][0] < 0.8 * per["jaw.0 (jaw_open)"][1]
-    assert len(exp["per_component_mae_vs_mean_predictor_decoded"]) == len(per) and exp["mae_decoded"] > 0
-    # The mean face is blurry but right on average (~13 dB); 2.5 dB more means real structure is reconstructed.
-    assert vae["psnr"] > vae["mean_image_psnr"] + 2.5
+    assert missed_thresholds(quick_build_figures(m), THRESHOLDS) == []
+    exp = m["expression_encoder"]
+    # its error on VAE round trips is reported for every component
+    assert len(exp["per_component_mae_vs_mean_predictor_decoded"]) == len(exp["per_component_mae_vs_mean_predictor"])
+    assert exp["mae_decoded"] > 0
     # The quick base trains for a few steps only: its ID score is reported, not required to beat chance here.
     assert -1 <= m["base"]["id_sim_random"] <= 1 and m["base"]["identities"] == 6
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import cv2
 import numpy as np
 import pytest
@@ -162,12 +160,3 @@ def test_bad_expression_length_is_rejected() -> None:
     identity = sample_identity(np.random.default_rng(0))
     with pytest.raises(ValueError, match="55 values"):
         render_face(identity, np.zeros(50, dtype=np.float32))
-
-
-def test_render_is_fast_enough_for_thousands_of_faces() -> None:
-    rng = np.random.default_rng(0)
-    jobs = [(sample_identity(rng), sample_expression(rng), sample_nuisance(rng)) for _ in range(30)]
-    start = time.perf_counter()
-    for identity, exp, nuisance in jobs:
-        render_face(identity, exp, nuisance, 128)
-    assert (time.perf_counter() - start) / len(jobs) < 0.04  # ~3 ms measured; 10 ms is the target
