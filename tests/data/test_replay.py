@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from pathlib import Path
 
 import pytest
 
