@@ -8,6 +8,9 @@ a sample whose members are missing, undecodable or of the wrong shape, and a tar
 opened or is cut off. A cut-off tar's tail is one count: the sample being read when it ended (which
 may have lost a trailing optional member such as ``latents.npy``) and everything after it.
 
+Every checkpoint holds the training stream's position (``state_dict``); a resumed run replays the streams to it
+(``replay.py``), so it sees the same batches as an uninterrupted one.
+
 There is no horizontal flip: FLAME's expression coefficients have no known mirror mapping (see pairs.py).
 """
 
