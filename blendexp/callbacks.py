@@ -146,7 +146,9 @@ class Checkpoint(ModelCheckpoint):
         if self._last_global_step_saved == trainer.global_step:
             self._saved_at = time.monotonic()
             return
-        due = bool(self.every_minutes) and time.monotonic() - self._saved_at >= 60 * self.every_minutes
+        if not self.every_minutes:
+            return
+        due = time.monotonic() - self._saved_at >= 60 * self.every_minutes
         if trainer.strategy.broadcast(due) and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
