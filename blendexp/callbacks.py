@@ -1,8 +1,11 @@
-"""Lightning callbacks shared by the recipes: fixed-seed sample grids and adapter export at the end."""
+"""Lightning callbacks shared by the recipes: fixed-seed sample grids, checkpoints by steps and time, the random
+streams a resume needs, and adapter export at the end."""
 
 from __future__ import annotations
 
 import logging
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +119,41 @@ class SampleGrid(L.Callback):
 
 
 class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training stops between save intervals.
+    """``ModelCheckpoint`` saving every ``every_n_train_steps`` steps *and* every ``every_minutes`` minutes since the
+    newest checkpoint (Lightning takes only one of the two), with ``last.ckpt`` always the newest, also when
+    training stops between save intervals.
 
-    Endless (resampled) data never ends an epoch, so without this the final steps of a run would be lost to
+    Endless (resampled) data never ends an epoch, so without the final save the last steps of a run would be lost to
     ``ckpt_path=last``.
     """
+
+    def __init__(self, every_minutes: float | None = None, **kwargs: Any) -> None:
+        """``every_minutes``: None or 0 saves by steps only; the rest is ``ModelCheckpoint``'s."""
+        super().__init__(**kwargs)
+        if every_minutes is not None and not every_minutes >= 0:
+            raise ValueError(f"callbacks.checkpoint.every_minutes must be >= 0 or null, got {every_minutes}")
+        self.every_minutes = every_minutes
+        self._saved_at = time.monotonic()
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Start the clock with training (model loading and a resume's replay do not count)."""
+        super().on_train_start(trainer, module)
+        self._saved_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        """Save on the step schedule, else when the newest checkpoint is ``every_minutes`` old (rank 0's clock)."""
+        super().on_train_batch_end(trainer, module, *args)
+        if self._last_global_step_saved == trainer.global_step:
+            self._saved_at = time.monotonic()
+            return
+        if not self.every_minutes:
+            return
+        due = time.monotonic() - self._saved_at >= 60 * self.every_minutes
+        if trainer.strategy.broadcast(due) and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+            self._saved_at = time.monotonic()
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Save ``last.ckpt`` at the final step unless it is already current."""
@@ -143,3 +176,58 @@ class ExportAdapter(L.Callback):
         """Export to ``<run>/<dirname>``."""
         self.files = module.export(Path(trainer.default_root_dir) / self.dirname)
         log.info("exported %s", ", ".join(map(str, self.files)))
+
+
+class RandomStates(L.Callback):
+    """Keeps every global random stream (torch CPU and CUDA, NumPy, Python) of every rank in the checkpoint and puts
+    it back just before the first resumed batch. Lightning restores none of them, so condition dropout, noise,
+    timesteps and VAE sampling would otherwise draw differently from an uninterrupted run."""
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This moment's states, one entry per rank (gathered: every rank writes the checkpoint's dump)."""
+        states = capture_random_states()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return {"ranks": [states]}
+        ranks: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, states)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Held until training starts: building the data loaders draws from torch's generator on every start."""
+        self._pending = state_dict["ranks"]
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        """Restore this rank's states once, right before its first resumed step."""
+        if self._pending is None:
+            return
+        ranks, self._pending = self._pending, None
+        if len(ranks) != trainer.world_size:
+            log.warning("checkpoint holds random states of %d ranks, this run has %d: random draws continue afresh "
+                        "and will not equal an uninterrupted run", len(ranks), trainer.world_size)
+            return
+        restore_random_states(ranks[trainer.global_rank])
+
+
+def capture_random_states() -> dict[str, Any]:
+    """Global random states as tensors and plain numbers (``torch.load(weights_only=True)`` reads them)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                        "gauss": float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    """Inverse of ``capture_random_states``."""
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])

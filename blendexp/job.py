@@ -1,14 +1,12 @@
-"""What one training job leaves behind and how it comes back: ``result.json`` (status, metrics, overrides, error)
-that the sweep report reads, resuming a requeued SLURM job where it stopped, and closing W&B runs so the next job
-of an in-process sweep starts its own run.
+"""What one training job leaves behind and how it comes back: ``result.json`` (status, metrics, overrides, error,
+earlier attempts; see ``blendexp/results.py``) that the sweep report reads, resuming a requeued SLURM job where it
+stopped, and closing W&B runs so the next job of an in-process sweep starts its own run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 
+from blendexp.results import RESULT_FILE, record_attempt
+
 log = logging.getLogger(__name__)
-RESULT_FILE = "result.json"
 
 
 def in_sweep() -> bool:
@@ -42,15 +41,11 @@ def job_info() -> dict[str, Any]:
 
 @rank_zero_only
 def write_result(status: str, metrics: dict[str, float] | None = None, error: BaseException | None = None) -> Path:
-    """Record the job's state in ``<run>/result.json``, atomically, since a report may read it at any time."""
+    """Record the job's state in ``<run>/result.json`` (earlier, e.g. interrupted, attempts of the run kept)."""
     info = job_info()
     path = Path(info["run_dir"]) / RESULT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"status": status, "metrics": metrics or {}, **info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "error": None if error is None else f"{type(error).__name__}: {error}"}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    record_attempt(path, {"status": status, "metrics": metrics or {}, **info,
+                          "error": None if error is None else f"{type(error).__name__}: {error}"})
     return path
 
 

@@ -1,10 +1,17 @@
-"""Sample-grid helpers: distinct subjects for identities, tiling."""
+"""Sample-grid helpers (distinct subjects for identities, tiling) and checkpoints by steps and time."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+from typing import Any
 
-from blendexp.callbacks import image_grid, preview_order
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from blendexp.callbacks import Checkpoint, image_grid, preview_order
 
 
 def test_preview_picks_distinct_subjects_then_other_donors() -> None:
@@ -27,3 +34,24 @@ def test_image_grid_places_cells_and_leaves_blanks_white() -> None:
     assert grid.shape == (2 * 5 + 1, 2 * 5 + 1, 3)
     assert (grid[1:5, 1:5] == 255).all()  # blank cell
     assert (grid[1:5, 6:10, 0] == 255).all() and (grid[1:5, 6:10, 1] == 0).all()
+
+
+def fit_with_checkpoint(root: Path, **kwargs: Any) -> list[int]:
+    """Train Lightning's demo model 5 steps with ``Checkpoint(**kwargs)`` keeping every save; the saved steps."""
+    ckpt = Checkpoint(dirpath=root, save_top_k=-1, save_last=True, filename="{step}", **kwargs)
+    trainer = L.Trainer(max_steps=5, callbacks=[ckpt], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=root)
+    trainer.fit(BoringModel())
+    assert torch.load(root / "last.ckpt", weights_only=True)["global_step"] == 5  # last.ckpt: always the newest
+    return sorted(int(p.stem.split("=")[1]) for p in root.glob("step=*.ckpt"))
+
+
+def test_checkpoint_saves_by_steps_and_by_time(tmp_path: Path) -> None:
+    assert fit_with_checkpoint(tmp_path / "steps", every_n_train_steps=2, every_minutes=None) == [2, 4]
+    # an interval already over at every step: a save at each step, besides the step schedule
+    assert fit_with_checkpoint(tmp_path / "time", every_n_train_steps=2, every_minutes=1e-9) == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_rejects_negative_minutes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="callbacks.checkpoint.every_minutes must be >= 0"):
+        Checkpoint(dirpath=tmp_path, every_minutes=-1)

@@ -8,13 +8,19 @@ a sample whose members are missing, undecodable or of the wrong shape, and a tar
 opened or is cut off. A cut-off tar's tail is one count: the sample being read when it ended (which
 may have lost a trailing optional member such as ``latents.npy``) and everything after it.
 
+Every checkpoint holds the training stream's position (``state_dict``); a resumed run replays the streams to it
+(``replay.py``), so it sees the same batches as an uninterrupted one.
+
 There is no horizontal flip: FLAME's expression coefficients have no known mirror mapping (see pairs.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import itertools
+import json
 import logging
 import random
 import tarfile
@@ -30,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from blendexp.data.format import CorruptSample, FaceSample, decode_sample
 from blendexp.data.pairs import PairConfig, PairSampler
+from blendexp.data.replay import Replay, StreamPosition
 
 log = logging.getLogger(__name__)
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://")
@@ -203,17 +210,21 @@ class FaceStream(IterableDataset):
 
     def __init__(self, urls: list[str], source: str, image_size: int, *, endless: bool, shuffle: int = 0,
                  seed: int = 0, pairs: PairConfig | None = None, use_latents: bool | None = None,
-                 rank: int | None = None, world_size: int | None = None, max_bad_run: int = 1000) -> None:
-        """Keep the settings; everything per worker (seeds, splits, counters) is made in ``__iter__``."""
+                 rank: int | None = None, world_size: int | None = None, max_bad_run: int = 1000,
+                 epoch: int = 0) -> None:
+        """Keep the settings; everything per worker (seeds, splits, counters) is made in ``__iter__``. ``epoch``:
+        the first pass's epoch number (a resumed run continues the epoch it was in)."""
         super().__init__()
         self.urls, self.source, self.image_size, self.endless = list(urls), source, image_size, endless
         self.shuffle, self.seed, self.pairs, self.use_latents = shuffle, seed, pairs, use_latents
         self.rank, self.world_size, self.max_bad_run = rank, world_size, max_bad_run
-        self.epoch = -1
+        self.epoch = epoch - 1
+        self.worker_shift = 0  # set by ``Replay``: this loader worker continues another worker's stream
 
     def consumer(self) -> tuple[int, int, int]:
         """(this consumer's index, number of consumers, rank): DDP ranks x loader workers, explicit rank first."""
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        worker = (worker + self.worker_shift) % workers
         if self.rank is not None:
             rank, world = self.rank, self.world_size or 1
         if not 0 <= rank < world:
@@ -285,21 +296,50 @@ class FaceDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.pairs, self.use_latents, self.max_bad_run = PairConfig.from_config(pairs), use_latents, max_bad_run
+        self.position = StreamPosition(workers=num_workers)  # where training starts; a checkpoint moves it
 
     def _stream(self, urls: list[str], name: str, *, endless: bool, shuffle: int, seed: int,
-                rank: int | None = None, world_size: int | None = None) -> FaceStream:
+                rank: int | None = None, world_size: int | None = None, epoch: int = 0) -> FaceStream:
         """A ``FaceStream`` with this module's decoding, pairing and latent settings."""
         return FaceStream(urls, name, self.image_size, endless=endless, shuffle=shuffle, seed=seed, pairs=self.pairs,
-                          use_latents=self.use_latents, rank=rank, world_size=world_size, max_bad_run=self.max_bad_run)
+                          use_latents=self.use_latents, rank=rank, world_size=world_size, max_bad_run=self.max_bad_run,
+                          epoch=epoch)
 
     def train_dataset(self) -> IterableDataset:
-        """Endless mix of all sources with probabilities proportional to their weights."""
+        """Endless mix of all sources with probabilities proportional to their weights, from ``self.position``."""
         streams, weights = [], []
         for i, (name, src) in enumerate(self.sources.items()):
             urls = expand_shards(src["shards"], f"data.sources.{name}.shards")
-            streams.append(self._stream(urls, name, endless=True, shuffle=self.shuffle_buffer, seed=self.seed + i))
+            streams.append(self._stream(urls, name, endless=True, shuffle=self.shuffle_buffer, seed=self.seed + i,
+                                        epoch=self.position.epoch))
             weights.append(float(src.get("weight", 1.0)))
-        return streams[0] if len(streams) == 1 else WeightedMix(streams, weights, self.seed)
+        mix = streams[0] if len(streams) == 1 else WeightedMix(streams, weights, self.seed)
+        return Replay(mix, self.position, self.batch_size)
+
+    def stream_settings(self) -> dict[str, Any]:
+        """Everything that decides the training stream's content and order; a replay needs all of it unchanged."""
+        sources = {name: [expand_shards(src["shards"]), float(src.get("weight", 1.0))]
+                   for name, src in self.sources.items()}
+        return {"sources": hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16],
+                "pairs": dataclasses.asdict(self.pairs) if self.pairs else None, "seed": self.seed,
+                "batch_size": self.batch_size, "num_workers": self.num_workers, "shuffle_buffer": self.shuffle_buffer,
+                "image_size": self.image_size, "use_latents": self.use_latents, "max_bad_run": self.max_bad_run,
+                "world_size": self.trainer.world_size if self.trainer else 1}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position, which Lightning writes into every checkpoint (exact resume)."""
+        return {"epoch": self.trainer.current_epoch, "stream": self.stream_settings(),
+                "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the stream where the checkpoint left it; with changed stream settings start afresh, loudly."""
+        now = self.stream_settings()
+        changed = sorted(k for k in now.keys() | state["stream"].keys() if now.get(k) != state["stream"].get(k))
+        if changed:
+            log.warning("data settings %s differ from the checkpoint's: the training stream starts from its "
+                        "beginning, so this run will not equal an uninterrupted one", ", ".join(changed))
+            return
+        self.position = StreamPosition(state["epoch"], state["batches"], self.num_workers)
 
     def eval_dataset(self, rank: int | None = None, world_size: int | None = None) -> FaceStream:
         """One exact pass over the evaluation shards, disjoint across DDP ranks and loader workers.

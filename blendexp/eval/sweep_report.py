@@ -5,7 +5,6 @@ it works on a finished, a running or a partly failed sweep, local or on SLURM.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -19,7 +18,8 @@ import pandas as pd  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-RESULT_FILE = "result.json"  # the name blendexp.job writes (not imported: that would load Lightning for a table)
+from blendexp.results import RESULT_FILE, read_result  # noqa: E402
+
 FIXED_COLUMNS = ("job", "status")
 
 
@@ -31,7 +31,7 @@ def load_results(sweep: Path) -> list[dict[str, Any]]:
     results = []
     for path in sweep.glob(f"**/{RESULT_FILE}"):
         # the job is named by its folder below `sweep`: "3", or "mlp/3" for a study made of several sweeps
-        results.append({**json.loads(path.read_text()), "job": path.parent.relative_to(sweep).as_posix()})
+        results.append({**read_result(path), "job": path.parent.relative_to(sweep).as_posix()})
     if not results:
         raise FileNotFoundError(f"no {RESULT_FILE} under {sweep}: no job of this sweep has started yet, or it is "
                                 f"not a blendexp sweep folder")
