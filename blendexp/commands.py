@@ -5,9 +5,8 @@ model loads, the pipeline and identity built from the config, the sampling setti
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +18,6 @@ from blendexp.expressions import NamedExpression, apply_edits, parse_expression
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
 
 
 def container(node: Any) -> Any:
@@ -67,18 +65,3 @@ def sampling(cfg: DictConfig) -> dict[str, Any]:
     return dict(seed=int(cfg.seed), steps=int(cfg.steps), guidance=float(cfg.guidance), size=cfg.size,
                 expression_scale=float(cfg.expression_scale), reference_scale=float(cfg.reference_scale),
                 batch_size=int(cfg.batch_size), negative_expression=cfg.negative_expression)
-
-
-def user_error(err: BaseException) -> str:
-    """The one line a user sees (a KeyError's message without the quotes ``str`` adds)."""
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-
-
-def run_command(command: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
-    """Run a command; a user error becomes one clear line on stderr and exit status 1 instead of a traceback."""
-    try:
-        command(cfg)
-    except USER_ERRORS as err:
-        log.error("%s: %s", type(err).__name__, user_error(err))
-        print(f"error: {user_error(err)}", file=sys.stderr)
-        sys.exit(1)

@@ -23,7 +23,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from blendexp import config as _config  # noqa: E402,F401  (registers the ${blendexp.*} resolvers)
 from blendexp.callbacks import image_grid  # noqa: E402
-from blendexp.commands import check_expressions, check_identity, container, load_session, run_command, sampling  # noqa: E402
+from blendexp.errors import run_entry
+from blendexp.commands import check_expressions, check_identity, container, load_session, sampling  # noqa: E402
 from blendexp.data.format import component_index  # noqa: E402
 from blendexp.expressions import apply_edits, component_label, component_range  # noqa: E402
 
@@ -107,7 +108,7 @@ def controllability(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="controllability")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    run_command(controllability, cfg)
+    run_entry(controllability, cfg)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.commands import USER_ERRORS, check_identity, load_session, run_command, user_error
+from blendexp.errors import run_entry
+from blendexp.commands import USER_ERRORS, check_identity, load_session, user_error
 from blendexp.data.format import component_index
 from blendexp.expressions import component_label, component_range, describe, load_presets, main_components, preset
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
@@ -119,7 +120,7 @@ def serve(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    run_command(serve, cfg)
+    run_entry(serve, cfg)
 
 
 if __name__ == "__main__":

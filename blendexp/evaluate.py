@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.errors import run_entry
 from blendexp.eval.report import log_to_loggers, write_report
 from blendexp.eval.suite import run_suite
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
 # insightface's alignment calls a scikit-image API deprecated in 0.26, once per face crop; nothing to act on here.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.")
 
@@ -66,12 +65,7 @@ def summary(test: Any, files: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    try:
-        evaluate(cfg)
-    except USER_ERRORS as err:
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_entry(evaluate, cfg)
 
 
 if __name__ == "__main__":

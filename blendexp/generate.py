@@ -21,7 +21,8 @@ from PIL import Image
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
 from blendexp.callbacks import image_grid
-from blendexp.commands import check_expressions, check_identity, container, load_session, run_command, sampling
+from blendexp.errors import run_entry
+from blendexp.commands import check_expressions, check_identity, container, load_session, sampling
 from blendexp.expressions import NamedExpression, apply_edits, describe, interpolate
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 from blendexp.toyworld.video import write_video
@@ -129,7 +130,7 @@ def summary(files: dict[str, Any], settings: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    run_command(generate, cfg)
+    run_entry(generate, cfg)
 
 
 if __name__ == "__main__":

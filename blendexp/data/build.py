@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from blendexp.data.annotate import BUILDER_VERSION, REASONS, annotate
 from blendexp.data.datamodule import REMOTE_PREFIXES
 from blendexp.data.format import FORMAT_VERSION
 from blendexp.data.inputs import Task, plan_tasks
+from blendexp.errors import run_entry
 from blendexp.faces.expression import SmirkExpressionEncoder, save_smirk_checkpoint
 from blendexp.faces.identity import export_arcface_onnx
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 TAR_MTIME = 946684800  # 2000-01-01, an int: fixed member times give byte-identical shards (a float adds pax headers)
 OUTPUT_KEYS = ("sources", "face", "video", "identity", "expression", "latents", "shard", "images_per_task",
                "shard_name", "shard_url")  # config that changes the shards (the resume fingerprint)
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
 
 
 def file_id(kind: str, path: str | Path) -> str:
@@ -338,12 +337,7 @@ def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="build")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    try:
-        result = build(cfg)
-    except USER_ERRORS as err:
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    result = run_entry(build, cfg)
     print(f"blendexp: shards in {result['out']} (manifest.json, rejects.jsonl, stats.json)")
     for source, info in result["manifest"]["sources"].items():
         st = result["stats"]["sources"][source]
