@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
 from blendexp.expressions import NamedExpression, apply_edits, parse_expression
-from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+from blendexp.eval.inputs import IMAGE_EXTS, load_image
+from blendexp.pipeline import ExpressionPipeline, FaceIdentity, check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def container(node: Any) -> Any:
 
 
 def _placeholder(path: Path) -> np.ndarray:
-    """Stands in for a driving image's SMIRK vector while inputs are checked (parse_expression saw the file)."""
+    """Stands in for a driving image's SMIRK vector while inputs are checked; the image must decode."""
+    load_image(path, "driving image")
     return np.zeros(EXP_DIM, dtype=np.float32)
 
 
@@ -42,6 +44,10 @@ def check_identity(cfg: DictConfig) -> None:
         check_vector(np.load(identity, allow_pickle=False), ID_DIM, "identity embedding", str(identity))
     elif not identity.exists() and not any(c in str(cfg.identity) for c in "{*"):
         raise FileNotFoundError(f"identity not found: {identity} (give a face photo, an embedding .npy or shards)")
+    elif identity.suffix.lower() in IMAGE_EXTS:
+        load_image(identity, "identity image")
+    if cfg.reference_image is not None:
+        load_image(Path(str(cfg.reference_image)).expanduser(), "reference_image")
     if cfg.reference and cfg.reference_image is None and identity.suffix == ".npy":
         raise ValueError("reference=true needs a face photo: give identity=<photo> or reference_image=<photo>")
     if cfg.reference_image is not None and not cfg.reference:
@@ -61,7 +67,16 @@ def load_session(cfg: DictConfig) -> tuple[ExpressionPipeline, FaceIdentity, np.
 
 
 def sampling(cfg: DictConfig) -> dict[str, Any]:
-    """The ``ExpressionPipeline.__call__`` settings every command takes from the config."""
-    return dict(seed=int(cfg.seed), steps=int(cfg.steps), guidance=float(cfg.guidance), size=cfg.size,
-                expression_scale=float(cfg.expression_scale), reference_scale=float(cfg.reference_scale),
-                batch_size=int(cfg.batch_size), negative_expression=cfg.negative_expression)
+    """The ``ExpressionPipeline.__call__`` settings every command takes from the config, checked (errors name the
+    config key), so a bad value fails before any model loads."""
+    settings = check_sampling(seed=cfg.seed, steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
+                              expression_scale=cfg.expression_scale, reference_scale=cfg.reference_scale,
+                              batch_size=cfg.batch_size)
+    return {**settings, "negative_expression": cfg.negative_expression}
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Everything the generation commands share that can be checked before any model loads."""
+    check_identity(cfg)
+    sampling(cfg)
+    check_sampling({"num_images": "samples"}, num_images=cfg.samples)

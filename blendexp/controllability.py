@@ -23,8 +23,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from blendexp import config as _config  # noqa: E402,F401  (registers the ${blendexp.*} resolvers)
 from blendexp.callbacks import image_grid  # noqa: E402
-from blendexp.errors import run_entry
-from blendexp.commands import check_expressions, check_identity, container, load_session, sampling  # noqa: E402
+from blendexp.commands import check_expressions, check_inputs, container, load_session, sampling  # noqa: E402
+from blendexp.errors import run_entry  # noqa: E402
 from blendexp.data.format import component_index  # noqa: E402
 from blendexp.expressions import apply_edits, component_label, component_range  # noqa: E402
 
@@ -75,7 +75,7 @@ def controllability(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     component = str(cfg.component)
     values = sweep_values(component, container(cfg.range), int(cfg.points))
-    check_identity(cfg)
+    check_inputs(cfg)
     named = check_expressions(cfg.expression, cfg.edits)
     if len(named) != 1:
         raise ValueError(f"expression must be one vector to sweep from; got {len(named)} ({[n for n, _ in named]})")

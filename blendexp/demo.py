@@ -7,6 +7,7 @@ endpoint ``/generate`` is also what ``gradio_client`` scripts (and the tests) ca
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any
@@ -16,15 +17,39 @@ import numpy as np
 from omegaconf import DictConfig
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.errors import run_entry
-from blendexp.commands import USER_ERRORS, check_identity, load_session, user_error
+from blendexp.commands import check_inputs, load_session
 from blendexp.data.format import component_index
 from blendexp.expressions import component_label, component_range, describe, load_presets, main_components, preset
-from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+from blendexp.errors import run_entry, user_message
+from blendexp.pipeline import ExpressionPipeline, FaceIdentity, check_sampling
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' prompt-embedding and deprecation notices
 SLIDER_STEPS = 100  # slider resolution: a hundredth of each component's range
+UI_NAMES = {"num_images": "samples", "expression_scale": "expression scale", "reference_scale": "reference scale"}
+
+
+@functools.cache
+def photo_input_class() -> type:
+    """``gr.Image`` whose undecodable uploads answer with a readable message (gradio's own is "Could not preprocess
+    input component at index 0") and leave the server serving."""
+    import gradio as gr
+
+    class PhotoInput(gr.Image):
+        is_template = True  # rendered by gradio's own Image front end
+
+        def preprocess(self, payload: Any) -> Any:
+            """The upload as an RGB array, or a ``gr.Error`` naming the field and the file."""
+            try:
+                return super().preprocess(payload)
+            except gr.Error:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever PIL raises for a file that is not an image
+                name = getattr(payload, "orig_name", None) or "the upload"
+                raise gr.Error(f"{self.label}: {name} is not an image ({type(err).__name__}); upload a JPEG or PNG "
+                               "photo", print_exception=False) from err
+
+    return PhotoInput
 
 
 class DemoApp:
@@ -55,16 +80,19 @@ class DemoApp:
         import gradio as gr
 
         try:
+            settings = check_sampling(UI_NAMES, num_images=samples, seed=seed, steps=steps, guidance=guidance,
+                                      expression_scale=expression_scale, reference_scale=reference_scale)
             face = self.face if identity is None else self.pipe.identity_from_image(identity)
             exp = self.expression(driving, preset_name, values)
             if use_reference and face.image is None:
                 raise ValueError("the Reference Adapter needs an identity photo")
-            images = self.pipe(face, exp, face.image if use_reference else None, num_images=int(samples),
-                               seed=int(seed), steps=int(steps), guidance=float(guidance), size=self.cfg.size,
-                               expression_scale=float(expression_scale), reference_scale=float(reference_scale),
-                               batch_size=int(self.cfg.batch_size))
-        except USER_ERRORS as err:
-            raise gr.Error(user_error(err)) from err
+            images = self.pipe(face, exp, face.image if use_reference else None, size=self.cfg.size,
+                               batch_size=int(self.cfg.batch_size), **settings)
+        except Exception as err:
+            message = user_message(err)
+            if message is None:
+                raise
+            raise gr.Error(message, print_exception=False) from err
         return list(images), describe(exp)
 
     def build(self) -> Any:
@@ -78,8 +106,8 @@ class DemoApp:
                         "overrides the sliders) or a preset fine-tuned with the sliders.")
             with gr.Row():
                 with gr.Column():
-                    identity = gr.Image(label="identity photo", type="numpy")
-                    driving = gr.Image(label="driving image (optional)", type="numpy")
+                    identity = photo_input_class()(label="identity photo", type="numpy")
+                    driving = photo_input_class()(label="driving image (optional)", type="numpy")
                     presets = gr.Dropdown(choices=list(load_presets()), value="neutral", label="preset")
                     sliders = [gr.Slider(*component_range(c), value=0.0, label=component_label(c),
                                          step=(component_range(c)[1] - component_range(c)[0]) / SLIDER_STEPS)
@@ -109,7 +137,7 @@ def serve(cfg: DictConfig) -> None:
         import gradio  # noqa: F401
     except ImportError as err:
         raise ValueError("the demo needs gradio: install the demo extra (uv run --extra demo ...)") from err
-    check_identity(cfg)
+    check_inputs(cfg)
     pipe, face, _ = load_session(cfg)
     page = DemoApp(pipe, face, cfg).build()
     log.info("serving the demo on http://%s:%d", cfg.server.host, cfg.server.port)

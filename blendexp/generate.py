@@ -21,8 +21,8 @@ from PIL import Image
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
 from blendexp.callbacks import image_grid
+from blendexp.commands import check_expressions, check_inputs, container, load_session, sampling
 from blendexp.errors import run_entry
-from blendexp.commands import check_expressions, check_identity, container, load_session, sampling
 from blendexp.expressions import NamedExpression, apply_edits, describe, interpolate
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 from blendexp.toyworld.video import write_video
@@ -99,7 +99,7 @@ def _transition(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdentity, r
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured generation and return the written files by kind (what tests and scripts read)."""
     start = time.perf_counter()
-    check_identity(cfg)
+    check_inputs(cfg)
     check_expressions(cfg.transition.keyframes if cfg.transition.keyframes is not None else cfg.expression, cfg.edits)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     files, record = run(pipe, cfg, face, reference, out)
     settings = {"identity": face.origin, **record, "pipeline": pipe.sources,
                 "config": OmegaConf.to_container(cfg, resolve=True), "seconds": round(time.perf_counter() - start, 2)}
-    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str, allow_nan=False))
     files["settings"] = out / "settings.json"
     print(summary(files, settings))
     return files

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -46,7 +47,8 @@ def write_result(status: str, metrics: dict[str, float] | None = None, error: Ba
     info = job_info()
     path = Path(info["run_dir"]) / RESULT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"status": status, "metrics": metrics or {}, **info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    finite = {k: v if math.isfinite(v) else None for k, v in (metrics or {}).items()}  # NaN is not JSON: null
+    record = {"status": status, "metrics": finite, **info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "error": None if error is None else f"{type(error).__name__}: {error}"}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))

@@ -34,6 +34,8 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured recipe and return the final logged metrics (what a sweep optimises)."""
     L.seed_everything(cfg.seed, workers=True)
+    for key in ("data", "model", "trainer"):
+        _config.check_types(cfg[key], key)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # fail on bad shard paths before loading any model
     model = instantiate(cfg.model)

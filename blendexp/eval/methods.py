@@ -20,6 +20,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from blendexp.checkpoints import load_weights_only
 from blendexp.data.format import EXP_DIM
 from blendexp.eval.inputs import IMAGE_EXTS
 from blendexp.expressions import negative_expression
@@ -80,7 +81,7 @@ def _has_adapter(folder: Path) -> bool:
 
 def _checkpoint_state(path: Path, unet: UNet2DConditionModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_only(path)
     state = {k.removeprefix("unet."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("unet.")}
     state = fold_input_scale(state, (ckpt.get("hyper_parameters", {}).get("adapter") or {}).get("input_scale"))
     proj, cross = "encoder_hid_proj.image_projection_layers.0.", unet.config.cross_attention_dim
