@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ def check_input(path: str | Path, role: str) -> None:
         also = ", or FLAME .npy/.json files" if role == "target" else ""
         raise FileNotFoundError(f"eval.{role}s.path: {path} does not exist; give a folder of face images or .tar "
                                 f"shards{also}")
+    elif not os.access(path, os.R_OK | (os.X_OK if Path(path).is_dir() else 0)):
+        raise PermissionError(f"eval.{role}s.path: {path} cannot be read (permission denied)")
 
 
 def _image_files(folder: Path) -> list[Path]:
