@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
 from blendexp.expressions import NamedExpression, apply_edits, parse_expression
 from blendexp.eval.inputs import IMAGE_EXTS, load_image
-from blendexp.pipeline import ExpressionPipeline, FaceIdentity, check_sampling
+from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
 

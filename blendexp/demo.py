@@ -21,7 +21,8 @@ from blendexp.commands import check_inputs, load_session
 from blendexp.data.format import component_index
 from blendexp.expressions import component_label, component_range, describe, load_presets, main_components, preset
 from blendexp.errors import run_entry, user_message
-from blendexp.pipeline import ExpressionPipeline, FaceIdentity, check_sampling
+from blendexp.pipeline import ExpressionPipeline, FaceIdentity
+from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning)  # diffusers' prompt-embedding and deprecation notices

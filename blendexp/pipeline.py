@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,41 +46,13 @@ from blendexp.models.reference_adapter import (
     save_reference_lora,
 )
 from blendexp.models.tiny import ensure_tiny_base
+from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
               "unipc": "UniPCMultistepScheduler"}
-
-
-# (lowest, highest, integer) of every number ``ExpressionPipeline.__call__`` takes: checked before any work, so a NaN
-# scale or an overflowing seed is one clear error instead of black images or a torch overflow deep in sampling.
-SAMPLING_RANGES: dict[str, tuple[float, float, bool]] = {
-    "num_images": (1, 1024, True), "seed": (0, 2**63 - 1, True), "steps": (1, 1000, True),
-    "guidance": (0.0, 100.0, False), "size": (8, 4096, True), "expression_scale": (0.0, 10.0, False),
-    "reference_scale": (0.0, 10.0, False), "batch_size": (1, 1024, True)}
-
-
-def _in_range(option: str, value: Any, low: float, high: float, integer: bool) -> int | float:
-    """``value`` as int/float if it is a finite number in [low, high] (whole for counts), else an error naming it."""
-    kind = "a whole number" if integer else "a finite number"
-    try:
-        number = value if isinstance(value, int) and not isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{option}={value!r} is not a number; give {kind} in [{low:g}, {high:g}]") from None
-    if isinstance(value, bool) or not math.isfinite(number) or not low <= number <= high or (
-            integer and number != int(number)):
-        raise ValueError(f"{option}={value!r} is out of range; give {kind} in [{low:g}, {high:g}]")
-    return int(number) if integer else float(number)
-
-
-def check_sampling(names: Mapping[str, str] | None = None, **settings: Any) -> dict[str, Any]:
-    """The sampling settings checked against ``SAMPLING_RANGES`` and converted (``size`` may be None: native);
-    ``names`` maps a setting to what the user called it (``num_images`` is ``samples`` on the command line)."""
-    names = names or {}
-    return {key: value if key not in SAMPLING_RANGES or (key == "size" and value is None)
-            else _in_range(names.get(key, key), value, *SAMPLING_RANGES[key]) for key, value in settings.items()}
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:

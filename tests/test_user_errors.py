@@ -91,3 +91,8 @@ def test_evaluate_names_an_unreadable_folder(tmp_path: Path) -> None:
     res = run_cli("blendexp.evaluate", f"paths.outputs={tmp_path}", f"eval.sources.path={locked}",
                   unprivileged=True)
     one_error(res, f"eval.sources.path: {locked} cannot be read (permission denied)")
+
+
+def test_evaluate_refuses_a_nan_scale(tmp_path: Path) -> None:
+    res = run_cli("blendexp.evaluate", f"paths.outputs={tmp_path}", "eval.methods.expr_adapter.scale=nan")
+    one_error(res, "eval.methods.expr_adapter.scale=nan is out of range")

@@ -41,6 +41,7 @@ from blendexp.models.reference_adapter import (
     save_reference_lora,
 )
 from blendexp.models.tiny import ensure_tiny_base
+from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -271,5 +272,9 @@ def build_method(name: str, cfg: Mapping[str, Any], base: Mapping[str, Any], gen
         return FolderMethod(name, options["path"])
     fields = GenerationSettings.__dataclass_fields__
     settings = GenerationSettings(**{k: v for k, v in {**gen, **options}.items() if k in fields})
+    names = {"expression_scale": f"eval.methods.{name}.scale", "reference_scale": f"eval.methods.{name}.lora_scale",
+             **{k: f"eval.generation.{k}" for k in ("steps", "guidance", "size")}}
+    check_sampling(names, steps=settings.steps, guidance=settings.guidance, size=settings.size,
+                   expression_scale=options.get("scale", 1.0), reference_scale=options.get("lora_scale", 1.0))
     return METHODS[kind](name, base, settings, device=device, seed=seed,
                          **{k: v for k, v in options.items() if k not in fields})
