@@ -4,7 +4,6 @@ model loads, the pipeline and identity built from the config, the sampling setti
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
-from blendexp.expressions import NamedExpression, apply_edits, parse_expression
 from blendexp.eval.inputs import IMAGE_EXTS, load_image
+from blendexp.expressions import NamedExpression, apply_edits, parse_expression
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 from blendexp.ranges import check_sampling
-
-log = logging.getLogger(__name__)
 
 
 def container(node: Any) -> Any:

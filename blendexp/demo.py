@@ -7,9 +7,9 @@ endpoint ``/generate`` is also what ``gradio_client`` scripts (and the tests) ca
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import hydra
@@ -19,8 +19,9 @@ from omegaconf import DictConfig
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
 from blendexp.commands import check_inputs, load_session
 from blendexp.data.format import component_index
-from blendexp.expressions import component_label, component_range, describe, load_presets, main_components, preset
 from blendexp.errors import run_entry, user_message
+from blendexp.eval.inputs import load_image
+from blendexp.expressions import component_label, component_range, describe, load_presets, main_components, preset
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 from blendexp.ranges import check_sampling
 
@@ -30,27 +31,16 @@ SLIDER_STEPS = 100  # slider resolution: a hundredth of each component's range
 UI_NAMES = {"num_images": "samples", "expression_scale": "expression scale", "reference_scale": "reference scale"}
 
 
-@functools.cache
-def photo_input_class() -> type:
-    """``gr.Image`` whose undecodable uploads answer with a readable message (gradio's own is "Could not preprocess
-    input component at index 0") and leave the server serving."""
-    import gradio as gr
-
-    class PhotoInput(gr.Image):
-        is_template = True  # rendered by gradio's own Image front end
-
-        def preprocess(self, payload: Any) -> Any:
-            """The upload as an RGB array, or a ``gr.Error`` naming the field and the file."""
-            try:
-                return super().preprocess(payload)
-            except gr.Error:
-                raise
-            except Exception as err:  # noqa: BLE001 - whatever PIL raises for a file that is not an image
-                name = getattr(payload, "orig_name", None) or "the upload"
-                raise gr.Error(f"{self.label}: {name} is not an image ({type(err).__name__}); upload a JPEG or PNG "
-                               "photo", print_exception=False) from err
-
-    return PhotoInput
+def uploaded_image(payload: Mapping[str, Any] | None, label: str) -> np.ndarray | None:
+    """An upload (gradio's file payload; the event skips gradio's own decoding, whose error is "Could not preprocess
+    input component at index 0") as RGB, or None; a file that is not an image is an error naming the field and file."""
+    if payload is None:
+        return None
+    try:
+        return load_image(payload["path"], label)
+    except (ValueError, FileNotFoundError):
+        name = payload.get("orig_name") or "the upload"
+        raise ValueError(f"{label}: {name} is not an image; upload a JPEG or PNG photo") from None
 
 
 class DemoApp:
@@ -74,17 +64,19 @@ class DemoApp:
         exp[[component_index(c) for c in self.components]] = values
         return exp
 
-    def generate(self, identity: np.ndarray | None, driving: np.ndarray | None, use_reference: bool,
+    def generate(self, identity: Mapping[str, Any] | None, driving: Mapping[str, Any] | None, use_reference: bool,
                  expression_scale: float, reference_scale: float, seed: float, samples: float, steps: float,
                  guidance: float, preset_name: str, *values: float) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Images for the page's settings and the non-zero components of the FLAME vector used."""
+        """Images for the page's settings and the non-zero components of the FLAME vector used; a bad upload or value
+        is a readable error in the page (``gr.Error``) and the server goes on serving."""
         import gradio as gr
 
         try:
             settings = check_sampling(UI_NAMES, num_images=samples, seed=seed, steps=steps, guidance=guidance,
                                       expression_scale=expression_scale, reference_scale=reference_scale)
-            face = self.face if identity is None else self.pipe.identity_from_image(identity)
-            exp = self.expression(driving, preset_name, values)
+            photo, driving_image = uploaded_image(identity, "identity photo"), uploaded_image(driving, "driving image")
+            face = self.face if photo is None else self.pipe.identity_from_image(photo)
+            exp = self.expression(driving_image, preset_name, values)
             if use_reference and face.image is None:
                 raise ValueError("the Reference Adapter needs an identity photo")
             images = self.pipe(face, exp, face.image if use_reference else None, size=self.cfg.size,
@@ -107,8 +99,8 @@ class DemoApp:
                         "overrides the sliders) or a preset fine-tuned with the sliders.")
             with gr.Row():
                 with gr.Column():
-                    identity = photo_input_class()(label="identity photo", type="numpy")
-                    driving = photo_input_class()(label="driving image (optional)", type="numpy")
+                    identity = gr.Image(label="identity photo", type="numpy")
+                    driving = gr.Image(label="driving image (optional)", type="numpy")
                     presets = gr.Dropdown(choices=list(load_presets()), value="neutral", label="preset")
                     sliders = [gr.Slider(*component_range(c), value=0.0, label=component_label(c),
                                          step=(component_range(c)[1] - component_range(c)[0]) / SLIDER_STEPS)
@@ -128,7 +120,7 @@ class DemoApp:
             presets.change(self.slider_values, presets, sliders, api_name=False)
             button.click(self.generate, [identity, driving, reference, expression_scale, reference_scale, seed,
                                          samples, steps, guidance, presets, *sliders], [gallery, used],
-                         api_name="generate")
+                         api_name="generate", preprocess=False)  # raw values: checked here, with readable errors
         return page
 
 

@@ -8,7 +8,6 @@ expression) pair, scores identity similarity, expression error, FID/KID and the 
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from pathlib import Path
@@ -24,7 +23,6 @@ from blendexp.errors import run_entry
 from blendexp.eval.report import log_to_loggers, write_report
 from blendexp.eval.suite import run_suite
 
-log = logging.getLogger(__name__)
 # insightface's alignment calls a scikit-image API deprecated in 0.26, once per face crop; nothing to act on here.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"insightface\.")
 
