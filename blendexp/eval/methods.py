@@ -259,6 +259,16 @@ METHODS: dict[str, type] = {m.kind: m for m in (Arc2FaceMethod, ExpressionAdapte
 Method = Arc2FaceMethod | FolderMethod
 
 
+def check_method(name: str, cfg: Mapping[str, Any], gen: Mapping[str, Any]) -> None:
+    """A method's steps, guidance, size and scales finite and in range, checked before any method loads a model."""
+    options = {**gen, **cfg}
+    names = {"expression_scale": f"eval.methods.{name}.scale", "reference_scale": f"eval.methods.{name}.lora_scale",
+             **{k: f"eval.methods.{name}.{k}" if k in cfg else f"eval.generation.{k}" for k in ("steps", "guidance",
+                                                                                             "size")}}
+    check_sampling(names, **{k: options[k] for k in ("steps", "guidance", "size") if k in options},
+                   expression_scale=options.get("scale", 1.0), reference_scale=options.get("lora_scale", 1.0))
+
+
 def build_method(name: str, cfg: Mapping[str, Any], base: Mapping[str, Any], gen: Mapping[str, Any],
                  device: str = "cpu", seed: int = 0) -> Method:
     """Build one configured method: ``kind`` picks the class; generation keys in ``cfg`` override ``gen``."""
@@ -272,9 +282,5 @@ def build_method(name: str, cfg: Mapping[str, Any], base: Mapping[str, Any], gen
         return FolderMethod(name, options["path"])
     fields = GenerationSettings.__dataclass_fields__
     settings = GenerationSettings(**{k: v for k, v in {**gen, **options}.items() if k in fields})
-    names = {"expression_scale": f"eval.methods.{name}.scale", "reference_scale": f"eval.methods.{name}.lora_scale",
-             **{k: f"eval.generation.{k}" for k in ("steps", "guidance", "size")}}
-    check_sampling(names, steps=settings.steps, guidance=settings.guidance, size=settings.size,
-                   expression_scale=options.get("scale", 1.0), reference_scale=options.get("lora_scale", 1.0))
     return METHODS[kind](name, base, settings, device=device, seed=seed,
                          **{k: v for k, v in options.items() if k not in fields})
