@@ -4,10 +4,8 @@ model loads, the pipeline and identity built from the config, the sampling setti
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,11 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
+from blendexp.eval.inputs import IMAGE_EXTS, load_image
 from blendexp.expressions import NamedExpression, apply_edits, parse_expression
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
-
-log = logging.getLogger(__name__)
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
+from blendexp.ranges import check_sampling
 
 
 def container(node: Any) -> Any:
@@ -28,7 +25,8 @@ def container(node: Any) -> Any:
 
 
 def _placeholder(path: Path) -> np.ndarray:
-    """Stands in for a driving image's SMIRK vector while inputs are checked (parse_expression saw the file)."""
+    """Stands in for a driving image's SMIRK vector while inputs are checked; the image must decode."""
+    load_image(path, "driving image")
     return np.zeros(EXP_DIM, dtype=np.float32)
 
 
@@ -44,6 +42,10 @@ def check_identity(cfg: DictConfig) -> None:
         check_vector(np.load(identity, allow_pickle=False), ID_DIM, "identity embedding", str(identity))
     elif not identity.exists() and not any(c in str(cfg.identity) for c in "{*"):
         raise FileNotFoundError(f"identity not found: {identity} (give a face photo, an embedding .npy or shards)")
+    elif identity.suffix.lower() in IMAGE_EXTS:
+        load_image(identity, "identity image")
+    if cfg.reference_image is not None:
+        load_image(Path(str(cfg.reference_image)).expanduser(), "reference_image")
     if cfg.reference and cfg.reference_image is None and identity.suffix == ".npy":
         raise ValueError("reference=true needs a face photo: give identity=<photo> or reference_image=<photo>")
     if cfg.reference_image is not None and not cfg.reference:
@@ -63,22 +65,16 @@ def load_session(cfg: DictConfig) -> tuple[ExpressionPipeline, FaceIdentity, np.
 
 
 def sampling(cfg: DictConfig) -> dict[str, Any]:
-    """The ``ExpressionPipeline.__call__`` settings every command takes from the config."""
-    return dict(seed=int(cfg.seed), steps=int(cfg.steps), guidance=float(cfg.guidance), size=cfg.size,
-                expression_scale=float(cfg.expression_scale), reference_scale=float(cfg.reference_scale),
-                batch_size=int(cfg.batch_size), negative_expression=cfg.negative_expression)
+    """The ``ExpressionPipeline.__call__`` settings every command takes from the config, checked (errors name the
+    config key), so a bad value fails before any model loads."""
+    settings = check_sampling(seed=cfg.seed, steps=cfg.steps, guidance=cfg.guidance, size=cfg.size,
+                              expression_scale=cfg.expression_scale, reference_scale=cfg.reference_scale,
+                              batch_size=cfg.batch_size)
+    return {**settings, "negative_expression": cfg.negative_expression}
 
 
-def user_error(err: BaseException) -> str:
-    """The one line a user sees (a KeyError's message without the quotes ``str`` adds)."""
-    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-
-
-def run_command(command: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
-    """Run a command; a user error becomes one clear line on stderr and exit status 1 instead of a traceback."""
-    try:
-        command(cfg)
-    except USER_ERRORS as err:
-        log.error("%s: %s", type(err).__name__, user_error(err))
-        print(f"error: {user_error(err)}", file=sys.stderr)
-        sys.exit(1)
+def check_inputs(cfg: DictConfig) -> None:
+    """Everything the generation commands share that can be checked before any model loads."""
+    check_identity(cfg)
+    sampling(cfg)
+    check_sampling({"num_images": "samples"}, num_images=cfg.samples)

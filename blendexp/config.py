@@ -7,6 +7,8 @@ import hashlib
 import logging
 import netrc
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,35 @@ def job_name(single: str) -> str:
 
     sweep = sweep_name()
     return f"{sweep}-{HydraConfig.get().job.num}" if sweep else single
+
+
+SIMPLE_TYPES = (bool, int, float, str, type(None))
+
+
+def _simple_types(hint: Any) -> tuple[type, ...]:
+    """The plain types an annotation allows (``float`` also takes ``int``); empty when it allows anything richer."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not all(a in SIMPLE_TYPES for a in args):
+        return ()
+    return tuple(args) + ((int,) if float in args else ())
+
+
+def check_types(node: DictConfig, key: str) -> None:
+    """A value whose type contradicts its ``_target_``'s annotation fails naming the key (``trainer.max_steps=abc``
+    would otherwise be a TypeError deep inside Lightning that names no key)."""
+    from hydra.utils import get_object
+
+    target = get_object(str(node._target_))
+    try:
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except Exception:  # noqa: BLE001 - annotations that cannot be resolved here are left to the target
+        return
+    for name, value in node.items():
+        allowed = _simple_types(hints.get(str(name)))
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int or
+                                float not in allowed)
+            raise ValueError(f"{key}.{name}={value!r} has the wrong type; expected {names}")
 
 
 def register_resolvers() -> None:

@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
 from blendexp.data.format import component_index
 
+from blendexp.errors import run_entry
+
 if TYPE_CHECKING:  # pandas, matplotlib, torch and diffusers load in the commands, after Hydra composed the config
     import pandas as pd
 
@@ -75,13 +77,13 @@ def controllability(cfg: DictConfig) -> dict[str, Any]:
     import pandas as pd
 
     from blendexp.callbacks import image_grid
-    from blendexp.commands import check_expressions, check_identity, container, load_session, sampling
+    from blendexp.commands import check_expressions, check_inputs, container, load_session, sampling
     from blendexp.expressions import apply_edits
 
     start = time.perf_counter()
     component = str(cfg.component)
     values = sweep_values(component, container(cfg.range), int(cfg.points))
-    check_identity(cfg)
+    check_inputs(cfg)
     named = check_expressions(cfg.expression, cfg.edits)
     if len(named) != 1:
         raise ValueError(f"expression must be one vector to sweep from; got {len(named)} ({[n for n, _ in named]})")
@@ -114,9 +116,7 @@ def controllability(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="controllability")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    from blendexp.commands import run_command
-
-    run_command(controllability, cfg)
+    run_entry(controllability, cfg)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ endpoint ``/generate`` is also what ``gradio_client`` scripts (and the tests) ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -15,12 +16,29 @@ import numpy as np
 from omegaconf import DictConfig
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.errors import run_entry, user_message
+from blendexp.ranges import check_sampling
 
 if TYPE_CHECKING:  # loaded in serve(): --help and --cfg job compose without torch and diffusers
     from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 
 log = logging.getLogger(__name__)
 SLIDER_STEPS = 100  # slider resolution: a hundredth of each component's range
+UI_NAMES = {"num_images": "samples", "expression_scale": "expression scale", "reference_scale": "reference scale"}
+
+
+def uploaded_image(payload: Mapping[str, Any] | None, label: str) -> np.ndarray | None:
+    """An upload (gradio's file payload; the event skips gradio's own decoding, whose error is "Could not preprocess
+    input component at index 0") as RGB, or None; a file that is not an image is an error naming the field and file."""
+    from blendexp.eval.inputs import load_image
+
+    if payload is None:
+        return None
+    try:
+        return load_image(payload["path"], label)
+    except (ValueError, FileNotFoundError):
+        name = payload.get("orig_name") or "the upload"
+        raise ValueError(f"{label}: {name} is not an image; upload a JPEG or PNG photo") from None
 
 
 class DemoApp:
@@ -52,26 +70,30 @@ class DemoApp:
         exp[[component_index(c) for c in self.components]] = values
         return exp
 
-    def generate(self, identity: np.ndarray | None, driving: np.ndarray | None, use_reference: bool,
+    def generate(self, identity: Mapping[str, Any] | None, driving: Mapping[str, Any] | None, use_reference: bool,
                  expression_scale: float, reference_scale: float, seed: float, samples: float, steps: float,
                  guidance: float, preset_name: str, *values: float) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Images for the page's settings and the non-zero components of the FLAME vector used."""
+        """Images for the page's settings and the non-zero components of the FLAME vector used; a bad upload or value
+        is a readable error in the page (``gr.Error``) and the server goes on serving."""
         import gradio as gr
 
-        from blendexp.commands import USER_ERRORS, user_error
         from blendexp.expressions import describe
 
         try:
-            face = self.face if identity is None else self.pipe.identity_from_image(identity)
-            exp = self.expression(driving, preset_name, values)
+            settings = check_sampling(UI_NAMES, num_images=samples, seed=seed, steps=steps, guidance=guidance,
+                                      expression_scale=expression_scale, reference_scale=reference_scale)
+            photo, driving_image = uploaded_image(identity, "identity photo"), uploaded_image(driving, "driving image")
+            face = self.face if photo is None else self.pipe.identity_from_image(photo)
+            exp = self.expression(driving_image, preset_name, values)
             if use_reference and face.image is None:
                 raise ValueError("the Reference Adapter needs an identity photo")
-            images = self.pipe(face, exp, face.image if use_reference else None, num_images=int(samples),
-                               seed=int(seed), steps=int(steps), guidance=float(guidance), size=self.cfg.size,
-                               expression_scale=float(expression_scale), reference_scale=float(reference_scale),
-                               batch_size=int(self.cfg.batch_size))
-        except USER_ERRORS as err:
-            raise gr.Error(user_error(err)) from err
+            images = self.pipe(face, exp, face.image if use_reference else None, size=self.cfg.size,
+                               batch_size=int(self.cfg.batch_size), **settings)
+        except Exception as err:
+            message = user_message(err)
+            if message is None:
+                raise
+            raise gr.Error(message, print_exception=False) from err
         return list(images), describe(exp)
 
     def build(self) -> Any:
@@ -108,7 +130,7 @@ class DemoApp:
             presets.change(self.slider_values, presets, sliders, api_name=False)
             button.click(self.generate, [identity, driving, reference, expression_scale, reference_scale, seed,
                                          samples, steps, guidance, presets, *sliders], [gallery, used],
-                         api_name="generate")
+                         api_name="generate", preprocess=False)  # raw values: checked here, with readable errors
         return page
 
 
@@ -118,9 +140,9 @@ def serve(cfg: DictConfig) -> None:
         import gradio  # noqa: F401
     except ImportError as err:
         raise ValueError("the demo needs gradio: install the demo extra (uv run --extra demo ...)") from err
-    from blendexp.commands import check_identity, load_session
+    from blendexp.commands import check_inputs, load_session
 
-    check_identity(cfg)
+    check_inputs(cfg)
     pipe, face, _ = load_session(cfg)
     page = DemoApp(pipe, face, cfg).build()
     log.info("serving the demo on http://%s:%d", cfg.server.host, cfg.server.port)
@@ -131,9 +153,7 @@ def serve(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    from blendexp.commands import run_command
-
-    run_command(serve, cfg)
+    run_entry(serve, cfg)
 
 
 if __name__ == "__main__":

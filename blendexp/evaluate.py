@@ -8,9 +8,7 @@ expression) pair, scores identity similarity, expression error, FID/KID and the 
 
 from __future__ import annotations
 
-import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-
-log = logging.getLogger(__name__)
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
+from blendexp.errors import run_entry
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -65,12 +61,7 @@ def summary(test: Any, files: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    try:
-        evaluate(cfg)
-    except USER_ERRORS as err:
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_entry(evaluate, cfg)
 
 
 if __name__ == "__main__":

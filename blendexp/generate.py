@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.errors import run_entry
 
 if TYPE_CHECKING:  # the commands import torch and diffusers inside, so --help and --cfg job compose without them
     from blendexp.expressions import NamedExpression
@@ -102,10 +103,10 @@ def _transition(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdentity, r
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured generation and return the written files by kind (what tests and scripts read)."""
-    from blendexp.commands import check_expressions, check_identity, load_session
+    from blendexp.commands import check_expressions, check_inputs, load_session
 
     start = time.perf_counter()
-    check_identity(cfg)
+    check_inputs(cfg)
     check_expressions(cfg.transition.keyframes if cfg.transition.keyframes is not None else cfg.expression, cfg.edits)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     files, record = run(pipe, cfg, face, reference, out)
     settings = {"identity": face.origin, **record, "pipeline": pipe.sources,
                 "config": OmegaConf.to_container(cfg, resolve=True), "seconds": round(time.perf_counter() - start, 2)}
-    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str, allow_nan=False))
     files["settings"] = out / "settings.json"
     print(summary(files, settings))
     return files
@@ -136,9 +137,7 @@ def summary(files: dict[str, Any], settings: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    from blendexp.commands import run_command
-
-    run_command(generate, cfg)
+    run_entry(generate, cfg)
 
 
 if __name__ == "__main__":

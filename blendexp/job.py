@@ -6,6 +6,7 @@ stopped, and closing W&B runs so the next job of an in-process sweep starts its 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def write_result(status: str, metrics: dict[str, float] | None = None, error: Ba
     """Record the job's state in ``<run>/result.json`` (earlier, e.g. interrupted, attempts of the run kept)."""
     info = job_info()
     path = Path(info["run_dir"]) / RESULT_FILE
-    record_attempt(path, {"status": status, "metrics": metrics or {}, **info,
+    finite = {k: v if math.isfinite(v) else None for k, v in (metrics or {}).items()}  # NaN is not JSON: null
+    record_attempt(path, {"status": status, "metrics": finite, **info,
                           "error": None if error is None else f"{type(error).__name__}: {error}"})
     return path
 

@@ -46,6 +46,7 @@ from blendexp.models.reference_adapter import (
     save_reference_lora,
 )
 from blendexp.models.tiny import ensure_tiny_base
+from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,9 @@ class ExpressionPipeline:
         guidance pushes away from (any one-vector expression spec, e.g. a file holding the training set's mean);
         None: zeros, the unconditional vector adapters are trained with.
         """
+        num_images, seed, steps, guidance, size, expression_scale, reference_scale, batch_size = check_sampling(
+            num_images=num_images, seed=seed, steps=steps, guidance=guidance, size=size,
+            expression_scale=expression_scale, reference_scale=reference_scale, batch_size=batch_size).values()
         if isinstance(id_emb, FaceIdentity):
             id_emb = id_emb.embedding
         exps = np.stack([check_vector(e, EXP_DIM, "FLAME vector") for e in np.atleast_2d(np.asarray(exp, np.float32))])

@@ -54,7 +54,7 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
     """Replace ``path`` atomically: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.write_text(json.dumps(record, indent=2, default=str, allow_nan=False))
     os.replace(tmp, path)
 
 

@@ -8,7 +8,6 @@ exported adapter, sample grids and logs are. Sweeps: ``python -m blendexp.train 
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +16,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
+from blendexp.errors import run_entry
 
 if TYPE_CHECKING:
     import lightning as L
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, FloatingPointError)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -38,6 +37,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from blendexp.job import finish_runs, resume_path
 
     L.seed_everything(cfg.seed, workers=True)
+    for key in ("data", "model", "trainer"):
+        _config.check_types(cfg[key], key)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # fail on bad shard paths before loading any model
     model = instantiate(cfg.model)
@@ -84,27 +85,34 @@ def summary(trainer: L.Trainer, callbacks: list[Any], metrics: dict[str, float])
     return "\n".join(lines)
 
 
+def _record_failure(err: BaseException) -> bool:
+    """Record the failure in ``result.json``; in a sweep log it and go on with the other jobs (handled)."""
+    from blendexp.job import in_sweep, write_result
+
+    write_result("failed", error=err)
+    if in_sweep():
+        log.exception("job failed (recorded in result.json; the sweep goes on)")
+        return True
+    return False
+
+
+def _train_and_record(cfg: DictConfig) -> float | None:
+    """Train and record the completed run in ``result.json``; returns what a sweep optimises."""
+    from blendexp.job import write_result
+
+    metrics = train(cfg)
+    write_result("completed", metrics)
+    return metrics.get("train/loss")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry; records ``result.json``. User errors become one clear line and exit status 1 instead of a
     traceback; in a sweep a failed job is recorded and logged, and the other jobs go on."""
-    from blendexp.job import in_sweep, write_result
+    from blendexp.job import write_result
 
     write_result("running")
-    try:
-        metrics = train(cfg)
-    except Exception as err:
-        write_result("failed", error=err)
-        if in_sweep():
-            log.exception("job failed (recorded in result.json; the sweep goes on)")
-            return None
-        if not isinstance(err, USER_ERRORS):
-            raise
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    write_result("completed", metrics)
-    return metrics.get("train/loss")
+    return run_entry(_train_and_record, cfg, on_error=_record_failure)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,13 @@ def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> <overrides>`` as a user would and capture its output."""
+def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 600,
+            unprivileged: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <overrides>`` as a user would and capture its output; ``unprivileged``: without
+    root's right to read any file (so unreadable-path tests mean the same under root as for a user)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=env, text=True,
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if unprivileged and os.geteuid() == 0 else []
+    return subprocess.run([*drop, sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
 
 

@@ -21,7 +21,7 @@ from blendexp.faces.expression import load_smirk, prepare_smirk_input
 from blendexp.faces.identity import build_identity_encoder
 
 BUILDER_VERSION = "blendexp.data.build/1"
-REASONS = ("no face", "several faces", "too small", "low score", "decode error")
+REASONS = ("no face", "several faces", "too small", "low score", "decode error", "unreadable")
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two xyxy boxes (frame-to-frame tracking)."""
@@ -91,7 +91,10 @@ class Annotator:
                     frame, image = next(frames)
                 except StopIteration:
                     break
-                except Exception as err:  # noqa: BLE001 - an unreadable file or frame is a reject, never a crash
+                except (PermissionError, IsADirectoryError) as err:  # a file or folder we may not read
+                    self._reject(out, item, frame + 1, "unreadable", f"{type(err).__name__}: {err}")
+                    break
+                except Exception as err:  # noqa: BLE001 - an undecodable file or frame is a reject, never a crash
                     self._reject(out, item, frame + 1, "decode error", f"{type(err).__name__}: {err}")
                     break
                 out["frames"] += 1

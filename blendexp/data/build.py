@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
 from blendexp.data.format import FORMAT_VERSION
+from blendexp.errors import run_entry
 
 if TYPE_CHECKING:  # torch-backed modules load inside the functions: --help and --cfg job compose without them
     from blendexp.data.inputs import Task
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 TAR_MTIME = 946684800  # 2000-01-01, an int: fixed member times give byte-identical shards (a float adds pax headers)
 OUTPUT_KEYS = ("sources", "face", "video", "identity", "expression", "latents", "shard", "images_per_task",
                "shard_name", "shard_url")  # config that changes the shards (the resume fingerprint)
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError)
 
 
 def file_id(kind: str, path: str | Path) -> str:
@@ -353,12 +352,7 @@ def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="build")
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
-    try:
-        result = build(cfg)
-    except USER_ERRORS as err:
-        log.error("%s: %s", type(err).__name__, err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    result = run_entry(build, cfg)
     print(f"blendexp: shards in {result['out']} (manifest.json, rejects.jsonl, stats.json)")
     for source, info in result["manifest"]["sources"].items():
         st = result["stats"]["sources"][source]

@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -132,32 +133,63 @@ def pair_tensors(target: FaceSample, ref: FaceSample) -> dict[str, Any]:
     return out
 
 
+def _shard_names(urls: Iterable[str], limit: int = 5) -> str:
+    """Shard URLs for a one-line message: the first ``limit`` and how many more."""
+    names = sorted(set(urls))
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _reason_counts(reasons: Counter[str]) -> str:
+    """``shape 3, norm 2``: skipped samples per reason, most frequent first."""
+    return ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+
+
 class SkipCounter:
-    """Counts unusable members of one source in one worker and hands the count to the next emitted item."""
+    """Counts unusable members of one source in one worker by reason and hands the count to the next emitted item;
+    warnings are summaries (after 1, 10, 100, ... skips and at the end of a pass), not one line per member."""
 
     def __init__(self, source: str, max_bad_run: int | None = None) -> None:
         """``max_bad_run``: raise after this many unusable samples in a row (endless streams only)."""
         self.source, self.max_bad_run = source, max_bad_run
         self.pending = 0
+        self.reasons: Counter[str] = Counter()
+        self.next_report = 1
+
+    def _skip(self, err: CorruptSample) -> None:
+        """Count one unusable sample and log a summary when the total reaches the next power of ten."""
+        self.pending += 1
+        self.reasons[err.reason] += 1
+        if self.reasons.total() >= self.next_report:
+            self.next_report *= 10
+            self.report(f"latest: {err}")
+
+    def report(self, detail: str = "") -> None:
+        """One warning with the skipped samples per reason so far."""
+        log.warning("data source %s: skipped %d unusable samples (%s)%s", self.source, self.reasons.total(),
+                    _reason_counts(self.reasons), f"; {detail}" if detail else "")
 
     def decode(self, items: Iterable[dict[str, Any]], image_size: int, use_latents: bool | None
                ) -> Iterator[tuple[str, FaceSample]]:
         """(shard url, sample) for every usable group; each error item or corrupt group counts once."""
-        bad_run = 0
+        bad_urls: list[str] = []
+        bad_reasons: Counter[str] = Counter()
         for raw in items:
             try:
                 if "__error__" in raw:
-                    raise CorruptSample(raw["__error__"])
+                    raise CorruptSample(raw["__error__"], "unreadable")
                 sample = decode_sample(raw, image_size)
                 check_sample(sample, image_size, use_latents)
             except CorruptSample as err:
-                self.pending, bad_run = self.pending + 1, bad_run + 1
-                log.warning("skipping unusable data in source %s: %s", self.source, err)
-                if self.max_bad_run and bad_run >= self.max_bad_run:
-                    raise ValueError(f"data source {self.source!r}: {bad_run} unusable samples in a row (last: "
-                                     f"{err}); check its shards and data.image_size / data.use_latents") from err
+                self._skip(err)
+                bad_urls.append(raw["__url__"])
+                bad_reasons[err.reason] += 1
+                if self.max_bad_run and len(bad_urls) >= self.max_bad_run:
+                    raise ValueError(f"data source {self.source!r}: {len(bad_urls)} unusable samples in a row "
+                                     f"({_reason_counts(bad_reasons)}) from {_shard_names(bad_urls)}; last: {err}; "
+                                     f"check these shards and data.image_size / data.use_latents") from None
                 continue
-            bad_run = 0
+            bad_urls, bad_reasons = [], Counter()
             yield raw["__url__"], sample
 
     def emit(self, items: Iterable[FaceSample | tuple[FaceSample, FaceSample]]) -> Iterator[dict[str, Any]]:
@@ -173,22 +205,22 @@ class SkipCounter:
             held["skipped"], self.pending = self.pending, 0
             yield held
         elif self.pending:
-            log.warning("source %s: %d unusable members and no usable sample in this worker", self.source,
-                        self.pending)
+            self.report("no usable sample in this worker")
+            return
+        if self.reasons:
+            self.report("end of pass")
 
 
 def check_sample(sample: FaceSample, image_size: int, use_latents: bool | None) -> None:
-    """Enforce what the batch needs beyond the contract: dict metadata and latents matching ``image_size``."""
-    if not isinstance(sample.meta, dict):
-        raise CorruptSample(f"{sample.key}: json is {type(sample.meta).__name__}, expected an object")
+    """Enforce what the batch needs beyond the contract: latents matching ``image_size``."""
     if use_latents is False:
         sample.latents = None
     elif sample.latents is None and use_latents:
-        raise CorruptSample(f"{sample.key}: no latents.npy but data.use_latents=true")
+        raise CorruptSample(f"{sample.key}: no latents.npy but data.use_latents=true", "missing")
     elif sample.latents is not None and (sample.latents.ndim != 3
                                          or sample.latents.shape[1:] != (image_size // 8,) * 2):
         raise CorruptSample(f"{sample.key}: latents.npy has shape {sample.latents.shape}; data.image_size="
-                            f"{image_size} needs (C, {image_size // 8}, {image_size // 8})")
+                            f"{image_size} needs (C, {image_size // 8}, {image_size // 8})", "shape")
 
 
 def shuffled(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:

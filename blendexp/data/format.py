@@ -31,10 +31,19 @@ COMPONENT_NAMES: tuple[str, ...] = tuple(
     + [f"jaw.{i}" for i in range(N_JAW)]
 )
 REQUIRED_KEYS = ("jpg", "id.npy", "exp.npy", "json")
+NORM_TOLERANCE = 1e-3  # | ||id|| - 1 | allowed on read: float32 storage keeps real embeddings within 1e-6
+# Why a member is unusable: a tar that cannot be read on, a member that is absent or does not decode, an array or
+# image of the wrong shape, NaN/Inf values, an identity embedding that is not unit norm.
+SKIP_REASONS = ("unreadable", "missing", "decode", "shape", "non-finite", "norm")
 
 
 class CorruptSample(ValueError):
-    """A shard member that cannot be used; the loader skips and counts it instead of crashing."""
+    """A shard member that cannot be used; the loader skips and counts it (by ``reason``) instead of crashing."""
+
+    def __init__(self, message: str, reason: str = "decode") -> None:
+        """``reason``: one of ``SKIP_REASONS``."""
+        super().__init__(message)
+        self.reason = reason
 
 
 def component_index(name: str) -> int:
@@ -119,25 +128,56 @@ def _load_npy(data: bytes, name: str, key: str) -> np.ndarray:
         raise CorruptSample(f"{key}: cannot read {name}: {err}") from err
 
 
+def _contract_vector(data: bytes, name: str, dim: int, key: str) -> np.ndarray:
+    """An ``.npy`` member of exactly shape (dim,) with finite values, as float32."""
+    arr = _load_npy(data, name, key)
+    if arr.shape != (dim,):
+        raise CorruptSample(f"{key}: {name} has shape {arr.shape}; the shard contract needs ({dim},)", "shape")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise CorruptSample(f"{key}: {name} holds {arr.dtype}, not numbers", "decode")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise CorruptSample(f"{key}: {name} contains NaN or Inf", "non-finite")
+    return arr
+
+
+def _contract_image(data: bytes, declared: Any, key: str) -> Image.Image:
+    """The ``jpg`` member decoded: 3 channels (RGB) and, when the metadata declares ``size``, that square size."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as err:  # noqa: BLE001 - truncated or undecodable JPEG
+        raise CorruptSample(f"{key}: undecodable jpg: {err}") from err
+    if img.mode != "RGB":
+        raise CorruptSample(f"{key}: jpg decodes to mode {img.mode}; the shard contract needs 3 channels (RGB)", "shape")
+    if declared is not None and img.size != (declared, declared):
+        raise CorruptSample(f"{key}: jpg is {img.size[0]}x{img.size[1]} but its json declares size {declared}",
+                            "shape")
+    return img
+
+
 def decode_sample(raw: dict[str, Any], image_size: int | None = None) -> FaceSample:
-    """Validate and decode raw tar members (bytes) into a ``FaceSample``; raise ``CorruptSample`` if unusable."""
+    """Validate raw tar members (bytes) against the contract and decode them into a ``FaceSample`` (resized to
+    ``image_size`` when given); raise ``CorruptSample`` with its reason if the sample is unusable."""
     key = str(raw.get("__key__", "?"))
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
-        raise CorruptSample(f"{key}: missing members {missing}")
+        raise CorruptSample(f"{key}: missing members {missing}", "missing")
     try:
-        img = Image.open(io.BytesIO(raw["jpg"]))
-        img = img.convert("RGB")
-        if image_size and img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        image = np.asarray(img, dtype=np.uint8)
-    except Exception as err:  # noqa: BLE001 - truncated or undecodable JPEG
-        raise CorruptSample(f"{key}: undecodable jpg: {err}") from err
-    try:
-        id_emb = check_vector(_load_npy(raw["id.npy"], "id.npy", key), ID_DIM, "id.npy", key)
-        exp = check_vector(_load_npy(raw["exp.npy"], "exp.npy", key), EXP_DIM, "exp.npy", key)
         meta = json.loads(raw["json"])
-    except (ValueError, json.JSONDecodeError) as err:
-        raise CorruptSample(str(err)) from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptSample(f"{key}: undecodable json: {err}") from err
+    if not isinstance(meta, dict):
+        raise CorruptSample(f"{key}: json is {type(meta).__name__}, expected an object")
+    img = _contract_image(raw["jpg"], meta.get("size"), key)
+    if image_size and img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    id_emb = _contract_vector(raw["id.npy"], "id.npy", ID_DIM, key)
+    norm = float(np.linalg.norm(id_emb))
+    if abs(norm - 1.0) > NORM_TOLERANCE:
+        raise CorruptSample(f"{key}: id.npy has norm {norm:.4g}; the shard contract needs unit norm "
+                            f"(within {NORM_TOLERANCE})", "norm")
+    exp = _contract_vector(raw["exp.npy"], "exp.npy", EXP_DIM, key)
     latents = _load_npy(raw["latents.npy"], "latents.npy", key).astype(np.float32) if "latents.npy" in raw else None
-    return FaceSample(key=key, image=image, id_emb=id_emb, exp=exp, meta=meta, latents=latents)
+    return FaceSample(key=key, image=np.asarray(img, dtype=np.uint8), id_emb=id_emb, exp=exp, meta=meta,
+                      latents=latents)

@@ -49,6 +49,15 @@ def safe_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "_"
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Files under ``folder``, sorted, plus every folder that cannot be read (the builder rejects those as
+    ``unreadable`` instead of leaving them out silently, as ``rglob`` does)."""
+    unreadable: list[Path] = []
+    files = [Path(top) / name for top, _, names in os.walk(folder, onerror=lambda e: unreadable.append(Path(e.filename)))
+             for name in names]
+    return sorted(p for p in files if p.is_file()) + sorted(unreadable)
+
+
 def list_inputs(source: str, src: Mapping[str, Any]) -> list[Item]:
     """The items of one source: a folder (recursive), a glob, one media file, or a list file (path[TAB subject])."""
     spec, rule = src.get("inputs"), src.get("subject", "parent")
@@ -64,7 +73,7 @@ def list_inputs(source: str, src: Mapping[str, Any]) -> list[Item]:
         entries = [(Path(p), None) for p in sorted(glob.glob(str(spec), recursive=True)) if Path(p).is_file()]
     elif spec_path.is_dir():
         root = spec_path
-        entries = [(p, None) for p in sorted(spec_path.rglob("*")) if p.is_file() and p.suffix.lower() in media]
+        entries = [(p, None) for p in _walk(spec_path) if p.suffix.lower() in media or p.is_dir()]
     elif spec_path.is_file() and spec_path.suffix.lower() in LIST_EXTS:
         root, entries = spec_path.parent, []
         for line in spec_path.read_text().splitlines():

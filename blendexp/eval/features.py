@@ -20,6 +20,8 @@ from hydra.utils import instantiate
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
+from blendexp.checkpoints import load_weights_only
+
 log = logging.getLogger(__name__)
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -105,7 +107,7 @@ def load_fid_inception(path: str | Path) -> FIDInceptionV3:
     if not path.is_file():
         raise FileNotFoundError(f"FID Inception weights not found at {path}; download {FID_WEIGHTS_URL} there "
                                 f"(or set eval.fid.inception_weights to where it is)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path)
     model = FIDInceptionV3()
     try:
         model.net.load_state_dict(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from blendexp.data.datamodule import expand_shards, read_tars
 from blendexp.data.format import EXP_DIM, CorruptSample, check_vector, decode_sample
@@ -92,6 +93,8 @@ def check_input(path: str | Path, role: str) -> None:
         also = ", or FLAME .npy/.json files" if role == "target" else ""
         raise FileNotFoundError(f"eval.{role}s.path: {path} does not exist; give a folder of face images or .tar "
                                 f"shards{also}")
+    elif not os.access(path, os.R_OK | (os.X_OK if Path(path).is_dir() else 0)):
+        raise PermissionError(f"eval.{role}s.path: {path} cannot be read (permission denied)")
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -99,10 +102,18 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+def load_image(path: str | Path, what: str = "image") -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB; a missing, unreadable or undecodable file is one error naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise ValueError(f"{what} {path} cannot be read ({err.strerror.lower()}); give a JPEG or PNG photo") from None
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError, truncated or malformed files
+        raise ValueError(f"{what} {path} does not decode as an image ({type(err).__name__}); give a JPEG or PNG "
+                         f"photo") from None
 
 
 def _folder_images(folder: Path, skipped: list[Skipped], role: str) -> Iterator[InputImage]:
@@ -115,7 +126,7 @@ def _folder_images(folder: Path, skipped: list[Skipped], role: str) -> Iterator[
     for path in files:
         try:
             yield InputImage(name=safe_name(path.stem), origin=str(path), image=load_image(path))
-        except (OSError, UnidentifiedImageError) as err:
+        except (OSError, ValueError) as err:
             skipped.append(Skipped(role, str(path), f"unreadable image: {err}"))
 
 

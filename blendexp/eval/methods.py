@@ -20,6 +20,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from blendexp.checkpoints import load_weights_only
 from blendexp.data.format import EXP_DIM
 from blendexp.eval.inputs import IMAGE_EXTS
 from blendexp.expressions import negative_expression
@@ -40,6 +41,7 @@ from blendexp.models.reference_adapter import (
     save_reference_lora,
 )
 from blendexp.models.tiny import ensure_tiny_base
+from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def _has_adapter(folder: Path) -> bool:
 
 def _checkpoint_state(path: Path, unet: UNet2DConditionModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_only(path)
     state = {k.removeprefix("unet."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("unet.")}
     state = fold_input_scale(state, (ckpt.get("hyper_parameters", {}).get("adapter") or {}).get("input_scale"))
     proj, cross = "encoder_hid_proj.image_projection_layers.0.", unet.config.cross_attention_dim
@@ -255,6 +257,16 @@ class ReferenceAdapterMethod(Arc2FaceMethod):
 METHODS: dict[str, type] = {m.kind: m for m in (Arc2FaceMethod, ExpressionAdapterMethod, ReferenceAdapterMethod,
                                                  FolderMethod)}
 Method = Arc2FaceMethod | FolderMethod
+
+
+def check_method(name: str, cfg: Mapping[str, Any], gen: Mapping[str, Any]) -> None:
+    """A method's steps, guidance, size and scales finite and in range, checked before any method loads a model."""
+    options = {**gen, **cfg}
+    names = {"expression_scale": f"eval.methods.{name}.scale", "reference_scale": f"eval.methods.{name}.lora_scale",
+             **{k: f"eval.methods.{name}.{k}" if k in cfg else f"eval.generation.{k}" for k in ("steps", "guidance",
+                                                                                             "size")}}
+    check_sampling(names, **{k: options[k] for k in ("steps", "guidance", "size") if k in options},
+                   expression_scale=options.get("scale", 1.0), reference_scale=options.get("lora_scale", 1.0))
 
 
 def build_method(name: str, cfg: Mapping[str, Any], base: Mapping[str, Any], gen: Mapping[str, Any],

@@ -34,7 +34,7 @@ from blendexp.eval.inputs import (
     read_flame_file,
     read_images,
 )
-from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method
+from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method, check_method
 from blendexp.eval.metrics import Estimate, border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,8 @@ def run_suite(cfg: Mapping[str, Any], run_dir: Path, device: str = "cpu", seed: 
     batch = int(cfg.get("batch_size", 16))
     gen = dict(cfg["generation"])
     samples, gen_batch = int(gen.pop("samples", 1)), int(gen.pop("batch_size", 8))
+    for name, m in cfg["methods"].items():
+        check_method(name, m, gen)
     methods = [build_method(name, m, cfg["base"], gen, device, seed) for name, m in cfg["methods"].items()]
     if not methods:
         raise ValueError("eval.methods is empty; configure at least one (e.g. eval.methods.arc2face.kind=arc2face)")

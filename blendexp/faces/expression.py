@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blendexp.checkpoints import load_weights_only
 from blendexp.data.format import EXP_DIM, EYELIDS, JAW, N_EXPRESSION
 from blendexp.faces.detect import Face, FaceDetector, ensure_rgb, largest_face
 
@@ -80,7 +81,7 @@ def load_smirk(path: str | Path, device: str = "cpu") -> SmirkExpressionEncoder:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SMIRK checkpoint not found at {path}; {SMIRK_HINT}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a SMIRK checkpoint (a dict of tensors), got {type(checkpoint).__name__}")
     state = {k[len(SMIRK_PREFIX) :]: v for k, v in checkpoint.items() if k.startswith(SMIRK_PREFIX)}

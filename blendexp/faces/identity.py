@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from blendexp.checkpoints import load_weights_only
 from blendexp.data.format import ID_DIM
 from blendexp.faces.align import ARCFACE_SIZE
 from blendexp.faces.detect import ort_session_kwargs
@@ -103,7 +104,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors")
     return state

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from blendexp.checkpoints import load_weights_only
 from blendexp.data.format import EXP_DIM, GROUPS
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def read_expression_adapter(path: str | Path) -> dict[str, dict[str, torch.Tenso
             part, _, rest = key.partition(".")
             state.setdefault(part, {})[rest] = value
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
     if set(state) < {"image_proj", "ip_adapter"}:
         raise ValueError(f"{path} is not an IP-Adapter checkpoint: expected 'image_proj' and 'ip_adapter' entries")
     return state

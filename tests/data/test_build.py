@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -21,6 +22,7 @@ from blendexp.faces.detect import Face, MTCNNDetector
 from blendexp.faces.expression import load_smirk, prepare_smirk_input
 from blendexp.faces.identity import ArcFaceONNX
 from blendexp.toyworld.video import write_video
+from tests.conftest import run_cli
 from tests.data.conftest import INSIGHTFACE_IMAGES, build_config
 
 
@@ -182,3 +184,18 @@ def test_shards_go_to_any_webdataset_url(tmp_path: Path, toy_videos: Path, annot
     assert result["manifest"]["sources"]["clips"]["brace"] == f"pipe:cat > {remote}/clips-{{000000..000001}}.tar"
     assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").rglob("*.tmp"))
     assert [len(list(read_tars([str(p)]))) for p in sorted(remote.iterdir())] == [3, 1]
+
+
+def test_unreadable_folder_is_a_reject(tmp_path: Path, photos: Path, annotators: Path) -> None:
+    inputs, out = tmp_path / "raw", tmp_path / "out"
+    shutil.copytree(photos / "tom", inputs / "tom")
+    shutil.copytree(photos / "eileen", inputs / "locked")
+    (inputs / "locked").chmod(0)
+    res = run_cli("blendexp.data.build", f"out={out}", "num_workers=0", "face.detector=mtcnn",
+                  f"tiny_annotators={annotators}", "identity.path=null", "expression.smirk=null", "face.size=64",
+                  "face.min_size=24", f"+sources.raw.inputs={inputs}", unprivileged=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (locked,) = rejects(out)
+    assert locked["path"] == str(inputs / "locked") and locked["reason"] == "unreadable"
+    stats = json.loads((out / "stats.json").read_text())["sources"]["raw"]
+    assert stats["inputs"] == 2 and stats["samples"] == 1 and stats["rejects"] == {"unreadable": 1}

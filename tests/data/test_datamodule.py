@@ -132,7 +132,7 @@ def test_cached_latents_are_used_required_or_ignored(tmp_path: Path, caplog: pyt
     assert "latents" not in module(with_latents, use_latents=False).preview(4)
     keys, _ = one_pass(module(without, use_latents=True))
     assert keys == []  # with no sample to carry it, the count can only be logged:
-    assert "2 unusable members and no usable sample" in caplog.text
+    assert "skipped 2 unusable samples (missing 2); no usable sample in this worker" in caplog.text
 
 
 def test_batches_hold_the_documented_fields(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from tests.conftest import REPO
 from tests.generate.conftest import overrides
 
 import gradio_client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
 
 
 def free_port() -> int:
@@ -45,14 +47,14 @@ def wait_until_ready(url: str, server: subprocess.Popen, log: Path, timeout: flo
     pytest.fail(f"demo not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def demo_url(tmp_path: Path, tiny_base, tiny_annotators: Path) -> Iterator[str]:
-    """A demo server on the embedded default (tiny, 2 steps), stopped however the test ends."""
-    port, log = free_port(), tmp_path / "demo.log"
+@contextlib.contextmanager
+def serve_demo(folder: Path, tiny_base, tiny_annotators: Path) -> Iterator[str]:
+    """A demo server on the embedded default (tiny, 2 steps), stopped however the caller ends."""
+    port, log = free_port(), folder / "demo.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONWARNINGS": "ignore"}
     with log.open("w") as sink:
         server = subprocess.Popen([sys.executable, "-m", "blendexp.demo", f"server.port={port}",
-                                   f"paths.outputs={tmp_path}", *overrides(tiny_base, tiny_annotators)],
+                                   f"paths.outputs={folder}", *overrides(tiny_base, tiny_annotators)],
                                   cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -65,6 +67,20 @@ def demo_url(tmp_path: Path, tiny_base, tiny_annotators: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def demo_url(tmp_path: Path, tiny_base, tiny_annotators: Path) -> Iterator[str]:
+    """A fresh demo server for one test."""
+    with serve_demo(tmp_path, tiny_base, tiny_annotators) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shared_demo(tmp_path_factory: pytest.TempPathFactory, tiny_base, tiny_annotators: Path) -> Iterator[str]:
+    """One demo server for the bad-request tests: each must leave it serving for the next."""
+    with serve_demo(tmp_path_factory.mktemp("demo"), tiny_base, tiny_annotators) as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -83,3 +99,28 @@ def test_demo_generates_through_gradio_client(demo_url: str, face_png: Path) -> 
     _, driven = client.predict(None, gradio_client.handle_file(str(face_png)), False, 1.0, 0.8, 1, 1, 2, 3.0,
                                "neutral", *[0.0] * len(sliders), api_name="/generate")
     assert len(driven) > 10
+
+
+def request(client: gradio_client.Client, identity: object = None, scale: float = 1.0, seed: float = 0) -> tuple:
+    """One ``/generate`` call with the neutral preset and one sample of 2 steps."""
+    sliders = [0.0] * len(main_components())
+    return client.predict(identity, None, False, scale, 0.8, seed, 1, 2, 3.0, "neutral", *sliders, api_name="/generate")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("upload", "identity photo: notes.txt is not an image"),
+    ("seed", "seed=1e+30 is out of range"),
+    ("scale", "expression scale='nan' is out of range"),  # JSON has no NaN: a raw request sends it as text
+])
+def test_demo_answers_bad_requests_readably_and_keeps_serving(shared_demo: str, tmp_path: Path, bad: str,
+                                                              message: str) -> None:
+    client = gradio_client.Client(shared_demo, verbose=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo")
+    kwargs = {"upload": {"identity": gradio_client.handle_file(str(notes))}, "seed": {"seed": 1e30},
+              "scale": {"scale": "nan"}}[bad]
+    with pytest.raises(AppError) as err:
+        request(client, **kwargs)
+    assert message in str(err.value) and "Could not preprocess" not in str(err.value)
+    gallery, _ = request(client)  # the server still answers
+    assert len(gallery) == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from blendexp.commands import run_command
+from blendexp.errors import run_entry
 from blendexp.generate import generate
 from blendexp.toyworld.video import read_video
 from tests.conftest import run_cli
@@ -93,7 +93,7 @@ def test_bad_inputs_fail_with_one_line_and_status_1(case: str, tmp_path: Path, t
         "reference_without_photo": ([f"identity={emb}", "reference=true"], "error: reference=true needs a face photo"),
     }[case]
     with pytest.raises(SystemExit) as exit_:
-        run_command(generate, compose_config("generate", tmp_path / "run", *overrides(tiny_base, tiny_annotators), *extra))
+        run_entry(generate, compose_config("generate", tmp_path / "run", *overrides(tiny_base, tiny_annotators), *extra))
     assert exit_.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message)
