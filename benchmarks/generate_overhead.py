@@ -66,28 +66,54 @@ def plain_pipeline(models: str, sd15: str, adapter: Path, dtype: torch.dtype, de
     return pipe.to(device)
 
 
-def parser() -> argparse.ArgumentParser:
-    """Options of this benchmark."""
-    p = check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    p.add_argument("--size", type=int, default=64, help="image size in pixels")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--samples", type=int, default=4, help="images per call (one expression)")
-    p.add_argument("--guidance", type=float, default=3.0)
+def pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options both generation benchmarks share: device and base."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", help="official-layout models folder (default: a tiny random base)")
     p.add_argument("--sd15", help="SD 1.5 folder for VAE, tokenizer and scheduler (with --models)")
     return p
 
 
-def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[], Round]:
-    """Build both pipelines and warm them up; one round times each once (plain first) and compares the images."""
+def parser() -> argparse.ArgumentParser:
+    """Options of this benchmark."""
+    p = pipeline_args(check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
+    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--samples", type=int, default=4, help="images per call (one expression)")
+    p.add_argument("--guidance", type=float, default=3.0)
+    return p
+
+
+def both_pipelines(args: argparse.Namespace, stack: contextlib.ExitStack,
+                   reference_lora: Callable[[str, str, Path], Path] | None = None
+                   ) -> tuple[ExpressionPipeline, StableDiffusionPipeline]:
+    """The API (with the LoRA ``reference_lora`` writes, if given) and the plain pipeline: same base and adapter."""
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     models, sd15 = (args.models, args.sd15) if args.models else map(str, ensure_tiny_base(root / "tiny"))
     adapter = exported_adapter(models, sd15, root / "exp_adapter")
-    api = ExpressionPipeline.from_pretrained(models, sd15, expression_adapter=adapter, dtype=dtype,
-                                             device=args.device)
-    plain = plain_pipeline(models, sd15, adapter, dtype, args.device)
+    ref = reference_lora(models, sd15, root / "ref_adapter") if reference_lora else None
+    api = ExpressionPipeline.from_pretrained(models, sd15, expression_adapter=adapter, reference_adapter=ref,
+                                             dtype=dtype, device=args.device)
+    return api, plain_pipeline(models, sd15, adapter, dtype, args.device)
+
+
+def plain_call(plain: StableDiffusionPipeline, id_emb: np.ndarray, exp: np.ndarray, steps: int, guidance: float,
+               size: int, samples: int) -> np.ndarray:
+    """The API's work by hand: ID prompt embeddings, CFG adapter embeddings, the pipeline, uint8 conversion."""
+    device, dtype = plain.unet.device, plain.unet.dtype
+    prompt = id_prompt_embeds(plain.text_encoder, plain.tokenizer, torch.from_numpy(id_emb)[None].to(device))
+    exp_t = torch.from_numpy(exp)[None].to(device, dtype)
+    out = plain(prompt_embeds=prompt.to(dtype), ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1),
+                num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                num_images_per_prompt=samples, output_type="np",
+                generator=[torch.Generator(device).manual_seed(k) for k in range(samples)])
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[], Round]:
+    """Build both pipelines and warm them up; one round times each once (plain first) and compares the images."""
+    api, plain = both_pipelines(args, stack)
     id_emb = np.random.default_rng(0).normal(size=512).astype(np.float32)
     exp = preset("smile")
 
@@ -97,15 +123,7 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[
                    batch_size=args.samples)
 
     def run_plain(steps: int) -> np.ndarray:
-        """The same work by hand: ID prompt embeddings, CFG adapter embeddings, the pipeline, uint8 conversion."""
-        prompt = id_prompt_embeds(plain.text_encoder, plain.tokenizer,
-                                  torch.from_numpy(id_emb)[None].to(args.device))
-        exp_t = torch.from_numpy(exp)[None].to(args.device, dtype)
-        out = plain(prompt_embeds=prompt.to(dtype), ip_adapter_image_embeds=expression_embeds(exp_t, args.guidance > 1),
-                    num_inference_steps=steps, guidance_scale=args.guidance, height=args.size, width=args.size,
-                    num_images_per_prompt=args.samples, output_type="np",
-                    generator=[torch.Generator(args.device).manual_seed(k) for k in range(args.samples)])
-        return (out.images * 255).round().astype(np.uint8)
+        return plain_call(plain, id_emb, exp, steps, args.guidance, args.size, args.samples)
 
     with torch.inference_mode():
         run_api(2), run_plain(2)  # warm-up: allocator, kernels, lazy imports

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +24,9 @@ import numpy as np
 import torch
 
 from blendexp.expressions import preset
-from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
-from blendexp.models.expression_adapter import expression_embeds
+from blendexp.models.arc2face import Arc2FaceBase
 from blendexp.models.reference_adapter import DEMO_GUIDANCE, DEMO_STEPS, add_reference_lora, save_reference_lora
-from blendexp.models.tiny import ensure_tiny_base
-from blendexp.pipeline import ExpressionPipeline
-from generate_overhead import exported_adapter, plain_pipeline, timed
+from generate_overhead import both_pipelines, pipeline_args, plain_call, timed
 from goals import Round, check_args, standalone
 
 NAME = "reference_mode"
@@ -49,25 +45,16 @@ def trained_like_lora(models: str, sd15: str, folder: Path) -> Path:
 
 def parser() -> argparse.ArgumentParser:
     """Options of this benchmark."""
-    p = check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p = pipeline_args(check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
     p.add_argument("--size", type=int, default=128, help="image size in pixels")
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
     p.add_argument("--samples", type=int, default=1, help="images per call")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--models", help="official-layout models folder (default: a tiny random base)")
-    p.add_argument("--sd15", help="SD 1.5 folder for VAE, tokenizer and scheduler (with --models)")
     return p
 
 
 def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[], Round]:
     """Build both pipelines and warm them up; one round times the plain pipeline, then reference mode."""
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-    models, sd15 = (args.models, args.sd15) if args.models else map(str, ensure_tiny_base(root / "tiny"))
-    adapter = exported_adapter(models, sd15, root / "exp_adapter")
-    api = ExpressionPipeline.from_pretrained(models, sd15, expression_adapter=adapter, dtype=dtype, device=args.device,
-                                             reference_adapter=trained_like_lora(models, sd15, root / "ref_adapter"))
-    plain = plain_pipeline(models, sd15, adapter, dtype, args.device)
+    api, plain = both_pipelines(args, stack, trained_like_lora)
     rng = np.random.default_rng(0)
     id_emb = rng.normal(size=512).astype(np.float32)
     reference = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
@@ -77,13 +64,7 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[
         api(id_emb, exp, reference, num_images=args.samples, steps=steps, guidance=DEMO_GUIDANCE, size=args.size)
 
     def run_plain(steps: int) -> None:
-        prompt = id_prompt_embeds(plain.text_encoder, plain.tokenizer, torch.from_numpy(id_emb)[None].to(args.device))
-        exp_t = torch.from_numpy(exp)[None].to(args.device, dtype)
-        out = plain(prompt_embeds=prompt.to(dtype), ip_adapter_image_embeds=expression_embeds(exp_t, True),
-                    num_inference_steps=steps, guidance_scale=DEMO_GUIDANCE, height=args.size, width=args.size,
-                    num_images_per_prompt=args.samples, output_type="np",
-                    generator=[torch.Generator(args.device).manual_seed(k) for k in range(args.samples)])
-        (out.images * 255).round().astype(np.uint8)
+        plain_call(plain, id_emb, exp, steps, DEMO_GUIDANCE, args.size, args.samples)
 
     ref_calls: list[int] = []
     api.ref_unet.register_forward_hook(lambda *_: ref_calls.append(1))
