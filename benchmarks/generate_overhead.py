@@ -1,17 +1,18 @@
 """Time of ``ExpressionPipeline.__call__`` against a plain diffusers pipeline with the same weights and adapter.
 
     python benchmarks/generate_overhead.py [--size 64] [--steps 25] [--samples 4] [--repeats 3] [--device cpu]
-                                           [--threads N] [--models M --sd15 S]
+                                           [--models M --sd15 S] [--check] [--quick]
 
 Both sides load the same base (the tiny one unless ``--models``/``--sd15`` point at real weights) and the same
-exported Expression Adapter through ``load_ip_adapter``, use DPM-Solver, and make the same images (checked): the plain
-side builds the ID prompt embeddings and ``ip_adapter_image_embeds`` by hand, as the README shows. The printed ratio
-is the API's time over the plain pipeline's (goal: <= 1.02; the API adds only input checks and uint8 conversion).
+exported Expression Adapter through ``load_ip_adapter``, use DPM-Solver, and must make the same images (checked every round; different images fail the benchmark): the plain
+side builds the ID prompt embeddings and ``ip_adapter_image_embeds`` by hand, as the README shows. Figure: the API's
+time over the plain pipeline's (goal in goals.py; the API adds only input checks and uint8 conversion).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,10 @@ from blendexp.models.arc2face import Arc2FaceBase, Arc2FaceTextEncoder, id_promp
 from blendexp.models.expression_adapter import attach_expression_adapter, expression_embeds, save_expression_adapter
 from blendexp.models.tiny import ensure_tiny_base
 from blendexp.pipeline import ExpressionPipeline
+from goals import Round, check_args, standalone
+
+NAME = "generate_overhead"
+QUICK = ["--steps", "4", "--samples", "2"]
 
 
 def timed(run: Callable[[], np.ndarray], device: str) -> tuple[float, np.ndarray]:
@@ -61,55 +66,84 @@ def plain_pipeline(models: str, sd15: str, adapter: Path, dtype: torch.dtype, de
     return pipe.to(device)
 
 
-def main() -> None:
-    """Build both pipelines, warm up, time each (alternating, fastest of ``--repeats``), print the ratio."""
-    p = argparse.ArgumentParser()
+def pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options both generation benchmarks share: device and base."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", help="official-layout models folder (default: a tiny random base)")
+    p.add_argument("--sd15", help="SD 1.5 folder for VAE, tokenizer and scheduler (with --models)")
+    return p
+
+
+def parser() -> argparse.ArgumentParser:
+    """Options of this benchmark."""
+    p = pipeline_args(check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
     p.add_argument("--size", type=int, default=64, help="image size in pixels")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--samples", type=int, default=4, help="images per call (one expression)")
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
-    p.add_argument("--models", help="official-layout models folder (default: a tiny random base)")
-    p.add_argument("--sd15", help="SD 1.5 folder for VAE, tokenizer and scheduler (with --models)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the fastest counts")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    dtype = torch.float16 if a.device.startswith("cuda") else torch.float32
-    with tempfile.TemporaryDirectory() as root:
-        models, sd15 = (a.models, a.sd15) if a.models else map(str, ensure_tiny_base(Path(root) / "tiny"))
-        adapter = exported_adapter(models, sd15, Path(root) / "exp_adapter")
-        api = ExpressionPipeline.from_pretrained(models, sd15, expression_adapter=adapter, dtype=dtype, device=a.device)
-        plain = plain_pipeline(models, sd15, adapter, dtype, a.device)
+    return p
+
+
+def both_pipelines(args: argparse.Namespace, stack: contextlib.ExitStack,
+                   reference_lora: Callable[[str, str, Path], Path] | None = None
+                   ) -> tuple[ExpressionPipeline, StableDiffusionPipeline]:
+    """The API (with the LoRA ``reference_lora`` writes, if given) and the plain pipeline: same base and adapter."""
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    models, sd15 = (args.models, args.sd15) if args.models else map(str, ensure_tiny_base(root / "tiny"))
+    adapter = exported_adapter(models, sd15, root / "exp_adapter")
+    ref = reference_lora(models, sd15, root / "ref_adapter") if reference_lora else None
+    api = ExpressionPipeline.from_pretrained(models, sd15, expression_adapter=adapter, reference_adapter=ref,
+                                             dtype=dtype, device=args.device)
+    return api, plain_pipeline(models, sd15, adapter, dtype, args.device)
+
+
+def plain_call(plain: StableDiffusionPipeline, id_emb: np.ndarray, exp: np.ndarray, steps: int, guidance: float,
+               size: int, samples: int) -> np.ndarray:
+    """The API's work by hand: ID prompt embeddings, CFG adapter embeddings, the pipeline, uint8 conversion."""
+    device, dtype = plain.unet.device, plain.unet.dtype
+    prompt = id_prompt_embeds(plain.text_encoder, plain.tokenizer, torch.from_numpy(id_emb)[None].to(device))
+    exp_t = torch.from_numpy(exp)[None].to(device, dtype)
+    out = plain(prompt_embeds=prompt.to(dtype), ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1),
+                num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                num_images_per_prompt=samples, output_type="np",
+                generator=[torch.Generator(device).manual_seed(k) for k in range(samples)])
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[], Round]:
+    """Build both pipelines and warm them up; one round times each once (plain first) and compares the images."""
+    api, plain = both_pipelines(args, stack)
     id_emb = np.random.default_rng(0).normal(size=512).astype(np.float32)
     exp = preset("smile")
 
     def run_api(steps: int) -> np.ndarray:
         """The API's call: identity and expression in, uint8 images out."""
-        return api(id_emb, exp, num_images=a.samples, steps=steps, guidance=a.guidance, size=a.size,
-                   batch_size=a.samples)
+        return api(id_emb, exp, num_images=args.samples, steps=steps, guidance=args.guidance, size=args.size,
+                   batch_size=args.samples)
 
     def run_plain(steps: int) -> np.ndarray:
-        """The same work by hand: ID prompt embeddings, CFG adapter embeddings, the pipeline, uint8 conversion."""
-        prompt = id_prompt_embeds(plain.text_encoder, plain.tokenizer, torch.from_numpy(id_emb)[None].to(a.device))
-        exp_t = torch.from_numpy(exp)[None].to(a.device, dtype)
-        out = plain(prompt_embeds=prompt.to(dtype), ip_adapter_image_embeds=expression_embeds(exp_t, a.guidance > 1),
-                    num_inference_steps=steps, guidance_scale=a.guidance, height=a.size, width=a.size,
-                    num_images_per_prompt=a.samples, output_type="np",
-                    generator=[torch.Generator(a.device).manual_seed(k) for k in range(a.samples)])
-        return (out.images * 255).round().astype(np.uint8)
+        return plain_call(plain, id_emb, exp, steps, args.guidance, args.size, args.samples)
 
     with torch.inference_mode():
-        same = np.array_equal(run_api(2), run_plain(2))  # warm-up: allocator, kernels, lazy imports
-        api_s, plain_s = float("inf"), float("inf")
-        for _ in range(a.repeats):  # alternate so background load hits both sides alike
-            plain_s = min(plain_s, timed(lambda: run_plain(a.steps), a.device)[0])
-            api_s = min(api_s, timed(lambda: run_api(a.steps), a.device)[0])
-    unet = "real UNet" if a.models else "tiny UNet"
-    print(f"{unet}, {a.size}px, {a.steps} steps, {a.samples} images, {a.device}: plain diffusers {plain_s:.3f} s   "
-          f"ExpressionPipeline {api_s:.3f} s (same images: {same})   ratio: {api_s / plain_s:.3f} (goal <= 1.02)")
+        run_api(2), run_plain(2)  # warm-up: allocator, kernels, lazy imports
+
+    @torch.inference_mode()
+    def one_round() -> Round:
+        plain_s, plain_images = timed(lambda: run_plain(args.steps), args.device)
+        api_s, api_images = timed(lambda: run_api(args.steps), args.device)
+        return {"plain": plain_s, "api": api_s, "same": bool(np.array_equal(api_images, plain_images))}
+
+    return one_round
+
+
+def figure(rounds: list[Round]) -> tuple[float, str, list[str]]:
+    """Fastest API call over fastest plain call; any round with different images fails the benchmark."""
+    plain, api = min(r["plain"] for r in rounds), min(r["api"] for r in rounds)
+    unequal = [f"generate_overhead: ExpressionPipeline's images differ from the plain pipeline's in round {i}"
+               for i, r in enumerate(rounds) if not r["same"]]
+    return api / plain, f"plain diffusers {plain:.3f} s, ExpressionPipeline {api:.3f} s, same images", unequal
 
 
 if __name__ == "__main__":
-    main()
+    standalone(__import__(__name__))

@@ -1,100 +1,93 @@
-"""Generation time in reference mode against no reference, on the same pipeline, seed and settings.
+"""Generation in reference mode, as users run it, against a plain diffusers pipeline doing the same sampling.
 
-    python benchmarks/reference_mode.py [--size 128] [--steps 25] [--repeats 1] [--device cpu] [--sd15-unet]
-                                        [--models M --sd15 S]
+    python benchmarks/reference_mode.py [--size 128] [--steps 25] [--samples 1] [--repeats 3] [--device cpu]
+                                        [--models M --sd15 S] [--check] [--quick]
 
-Both runs use the official demo's settings (DPM-Solver, 25 steps, guidance 3.0; LoRA scale 0.8 with a reference,
-0 without) on the tiny base unless ``--models``/``--sd15`` point at real weights; ``--sd15-unet`` swaps in a random
-UNet of SD 1.5's size, whose balance of attention and convolution is the real one. Reference mode adds one reference
-UNet pass per image and longer self-attention keys in the conditional half; the printed ratio is its time over the
-plain run's (goal: <= 1.30, which only holds when the reference UNet runs once, not once per step).
+The user's side is ``ExpressionPipeline`` (the one generation path) loaded with the Expression Adapter and a
+trained-like Reference Adapter (rank-16 LoRA ``ref`` with perturbed weights), called with a reference image at the
+official demo's settings (DPM-Solver, guidance 3.0, LoRA scale 0.8). The reference is a plain
+``StableDiffusionPipeline`` with the same base and Expression Adapter (``load_ip_adapter``) and nothing else: no
+LoRA, no reference processors, no reference UNet. Reference mode adds one reference UNet pass per image, LoRA in
+every attention projection and longer self-attention keys in the conditional half. Both run on the tiny random base
+unless ``--models``/``--sd15`` point at real weights. Figure: reference mode's time over the plain pipeline's at
+``--steps`` (goal in goals.py at 25 steps; it only holds when the reference UNet runs once per image, not per step).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
+import contextlib
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
-from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
-from blendexp.models.expression_adapter import attach_expression_adapter, expression_embeds
-from blendexp.models.reference_adapter import (
-    DEMO_GUIDANCE,
-    DEMO_STEPS,
-    add_reference_lora,
-    add_reference_reader,
-    generate_with_reference,
-    reference_lora_parameters,
-    reference_unet,
-)
-from blendexp.models.tiny import ensure_tiny_base
+from blendexp.expressions import preset
+from blendexp.models.arc2face import Arc2FaceBase
+from blendexp.models.reference_adapter import DEMO_GUIDANCE, DEMO_STEPS, add_reference_lora, save_reference_lora
+from generate_overhead import both_pipelines, pipeline_args, plain_call, timed
+from goals import Round, check_args, standalone
+
+NAME = "reference_mode"
+QUICK = ["--steps", "4", "--size", "64"]
 
 
-def timed(run, device: str) -> float:
-    """Seconds of one call, with the device's queue drained before and after."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def trained_like_lora(models: str, sd15: str, folder: Path) -> Path:
+    """A Reference Adapter LoRA with non-zero weights (a fresh one is a no-op), saved in diffusers' format."""
+    base = Arc2FaceBase.from_pretrained(models, sd15)
+    torch.manual_seed(1)
+    for w in add_reference_lora(base.unet, rank=16, alpha=16):
+        w.data.normal_(0, 0.01)
+    save_reference_lora(base.unet, folder)
+    return folder
 
 
-def main() -> None:
-    """Build a reference-mode pipeline, time both modes after a short warm-up, print the ratio."""
-    p = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    """Options of this benchmark."""
+    p = pipeline_args(check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])))
     p.add_argument("--size", type=int, default=128, help="image size in pixels")
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--models", help="official-layout models folder (default: a tiny random base)")
-    p.add_argument("--sd15", help="SD 1.5 folder for VAE, tokenizer and scheduler (with --models)")
-    p.add_argument("--sd15-unet", action="store_true", help="a random UNet with SD 1.5's architecture")
-    p.add_argument("--repeats", type=int, default=1, help="alternating runs of each mode; the fastest counts")
-    a = p.parse_args()
-    dtype = torch.float16 if a.device.startswith("cuda") else torch.float32
-    with tempfile.TemporaryDirectory() as root:
-        models, sd15 = (a.models, a.sd15) if a.models else ensure_tiny_base(root)
-        base = Arc2FaceBase.from_pretrained(models, sd15, dtype=dtype)
-    if a.sd15_unet:  # diffusers' defaults are SD 1.5's blocks; cross-attention as wide as this text encoder
-        base.unet = UNet2DConditionModel(cross_attention_dim=base.text_encoder.config.hidden_size,
-                                         attention_head_dim=8).to(dtype)
-    ref_unet = reference_unet(base.unet).to(a.device)
-    attach_expression_adapter(base.unet)
-    add_reference_lora(base.unet, rank=16, alpha=16)
-    for w in reference_lora_parameters(base.unet):
-        w.data.normal_(0, 0.01)  # a trained-like LoRA, so scale 0.8 vs 0 is real work in both modes
-    add_reference_reader(base.unet)
-    pipe = base.pipeline(DPMSolverMultistepScheduler.from_config(base.scheduler.config)).to(a.device)
-    pipe.set_progress_bar_config(disable=True)
-    torch.manual_seed(0)
-    prompt = id_prompt_embeds(base.text_encoder.to(a.device), base.tokenizer, torch.randn(1, 512, device=a.device))
-    reference = torch.rand(1, 3, a.size, a.size, device=a.device, dtype=dtype) * 2 - 1
-    exp = expression_embeds(torch.randn(1, 55, device=a.device, dtype=dtype), DEMO_GUIDANCE > 1)
+    p.add_argument("--samples", type=int, default=1, help="images per call")
+    return p
+
+
+def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[], Round]:
+    """Build both pipelines and warm them up; one round times the plain pipeline, then reference mode."""
+    api, plain = both_pipelines(args, stack, trained_like_lora)
+    rng = np.random.default_rng(0)
+    id_emb = rng.normal(size=512).astype(np.float32)
+    reference = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    exp = preset("smile")
+
+    def run_api(steps: int) -> None:
+        api(id_emb, exp, reference, num_images=args.samples, steps=steps, guidance=DEMO_GUIDANCE, size=args.size)
+
+    def run_plain(steps: int) -> None:
+        plain_call(plain, id_emb, exp, steps, DEMO_GUIDANCE, args.size, args.samples)
+
     ref_calls: list[int] = []
-    ref_unet.register_forward_hook(lambda *_: ref_calls.append(1))
-
-    def generate(ref: torch.Tensor | None, steps: int) -> None:
-        generate_with_reference(pipe, ref_unet, ref, prompt, num_inference_steps=steps, height=a.size, width=a.size,
-                                ip_adapter_image_embeds=exp, generator=torch.Generator(a.device).manual_seed(0),
-                                output_type="np")
-
+    api.ref_unet.register_forward_hook(lambda *_: ref_calls.append(1))
     with torch.inference_mode():
-        generate(None, 2)  # warm-up: allocator, kernels, lazy imports
-        generate(reference, 2)
+        run_api(2), run_plain(2)  # warm-up: allocator, kernels, lazy imports
+
+    @torch.inference_mode()
+    def one_round() -> Round:
         ref_calls.clear()
-        plain, with_ref = float("inf"), float("inf")
-        for _ in range(a.repeats):  # alternate so background load hits both modes alike
-            plain = min(plain, timed(lambda: generate(None, a.steps), a.device))
-            with_ref = min(with_ref, timed(lambda: generate(reference, a.steps), a.device))
-    unet = "SD 1.5-size UNet" if a.sd15_unet or a.models else "tiny UNet"
-    print(f"{unet}, {a.size}px, {a.steps} steps, guidance {DEMO_GUIDANCE}, {a.device}: no reference {plain:.2f} s   "
-          f"reference mode {with_ref:.2f} s ({len(ref_calls) / a.repeats:g} reference UNet pass per image)   "
-          f"ratio: {with_ref / plain:.3f} (goal <= 1.30)")
+        plain_s = timed(lambda: run_plain(args.steps), args.device)[0]
+        ref_s = timed(lambda: run_api(args.steps), args.device)[0]
+        return {"plain": plain_s, "reference": ref_s, "ref_passes": len(ref_calls)}
+
+    return one_round
+
+
+def figure(rounds: list[Round]) -> tuple[float, str, list[str]]:
+    """Fastest reference-mode call over fastest plain call; more than one reference UNet pass per call fails."""
+    plain, ref = min(r["plain"] for r in rounds), min(r["reference"] for r in rounds)
+    passes = max(r["ref_passes"] for r in rounds)
+    extra = [] if passes == 1 else [f"reference_mode: {passes} reference UNet passes per call, expected 1"]
+    return ref / plain, f"plain diffusers {plain:.3f} s, reference mode {ref:.3f} s ({passes} reference pass)", extra
 
 
 if __name__ == "__main__":
-    main()
+    standalone(__import__(__name__))

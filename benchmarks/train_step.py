@@ -1,98 +1,120 @@
-"""Step time of the Expression Adapter LightningModule against a bare PyTorch loop doing the same work.
+"""Training step time of ``python -m blendexp.train +experiment=expr_adapter`` against a bare PyTorch loop.
 
-    python benchmarks/train_step.py [--steps 60] [--batch 8]
+    python benchmarks/train_step.py [--steps 60] [--warmup 5] [--repeats 3] [--check] [--quick] [override ...]
 
-Both loops run the same tiny base, the same batch and the same AdamW update in one process; the printed ratio
-is Lightning's time per step over the bare loop's (goal: <= 1.05).
+The Trainer side is what the entry point builds (``blendexp.train.build`` on the composed ``train`` config: the
+shipped toy base, the sample shards through the DataModule's training stream, CSV logger, checkpointing, learning-
+rate monitor, sample grids, export, progress bar, gradient clipping and grad-norm logging); only output paths are
+redirected to a temporary folder. The bare loop does the same work and nothing more: batches from the same
+DataModule, the module's ``forward_loss``, backward, gradient clipping, AdamW and the learning-rate schedule.
+Both are timed from the start of step ``--warmup`` to the end of the last step: logging (every 10 steps) counts, and
+checkpoints saved inside that window count (the first comes at step 100: ``--steps 100`` includes it); the final
+sample grid and export after the last step do not.
+Figure: Trainer time per step / bare loop's (goal in goals.py). Extra ``key=value`` arguments are Hydra overrides.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from diffusers.optimization import get_scheduler
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from blendexp.modules.expression import ExpressionAdapterModule
+from blendexp.config import REPO_ROOT
+from blendexp.train import build
+from goals import Round, check_args, standalone
 
-
-class Repeat(IterableDataset):
-    """The same batch forever, so data loading costs nothing in either loop."""
-
-    def __init__(self, batch: dict) -> None:
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-
-def make_module(root: str) -> ExpressionAdapterModule:
-    """A fresh module on the tiny base, with dropout off so both loops do identical work."""
-    return ExpressionAdapterModule(
-        base={"models": f"{root}/models", "sd15": f"{root}/stable-diffusion-v1-5", "tiny_root": root},
-        adapter={"num_tokens": 4, "projection": "linear"}, noise={"prediction_type": "epsilon"},
-        dropout={}, optim={"lr": 1e-4, "warmup_steps": 0})
-
-
-def bare_loop(module: ExpressionAdapterModule, batch: dict, steps: int) -> float:
-    """Seconds per step of forward, backward and AdamW step without Lightning."""
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-    module.train()
-    for i in range(steps + 5):
-        if i == 5:
-            start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        module.forward_loss(batch).backward()
-        opt.step()
-    return (time.perf_counter() - start) / steps
+NAME = "train_step"
+QUICK = ["--steps", "8", "--warmup", "2", "model.base.tiny_root=${paths.tiny_base}", "data.batch_size=2",
+         "callbacks.samples.n_identities=1", "callbacks.samples.n_expressions=1", "callbacks.samples.steps=1"]
 
 
 class StepTimer(L.Callback):
-    """Times training batches after a warm-up, inside Lightning's own loop."""
+    """Times training batches from ``warmup`` to the last one, inside Lightning's own loop."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end = warmup, 0.0, 0.0
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx == self.warmup:
             self.start = time.perf_counter()
 
-    def on_train_end(self, trainer, module) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         self.end = time.perf_counter()
 
 
-def lightning_loop(module: ExpressionAdapterModule, batch: dict, steps: int) -> float:
-    """Seconds per step of ``Trainer.fit`` on the same batch (logging on, checkpoints and bars off)."""
-    timer = StepTimer(warmup=5)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps + 5, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                        num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, DataLoader(Repeat(batch), batch_size=None))
-    return (timer.end - timer.start) / steps
+def config(args: argparse.Namespace, out: str) -> DictConfig:
+    """The composed training config a user gets, with outputs in ``out`` and ``warmup + steps`` steps."""
+    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            "+experiment=expr_adapter", f"trainer.max_steps={args.warmup + args.steps}",
+            f"trainer.default_root_dir={out}", f"callbacks.checkpoint.dirpath={out}/checkpoints",
+            f"logger.csv.save_dir={out}", *args.overrides])
 
 
-def main() -> None:
-    """Run both loops and print the ratio."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop; the fastest counts")
-    a = p.parse_args()
-    torch.manual_seed(0)
-    batch = {"pixel_values": torch.rand(a.batch, 3, 64, 64) * 2 - 1, "id": torch.randn(a.batch, 512),
-             "exp": torch.randn(a.batch, 55), "skipped": torch.zeros(a.batch, dtype=torch.long)}
-    bare, light = float("inf"), float("inf")
-    with tempfile.TemporaryDirectory() as root:
-        for _ in range(a.repeats):  # alternate so background load hits both loops alike
-            bare = min(bare, bare_loop(make_module(root), batch, a.steps))
-            light = min(light, lightning_loop(make_module(root), batch, a.steps))
-    print(f"bare PyTorch: {bare * 1e3:.1f} ms/step   Lightning module: {light * 1e3:.1f} ms/step   "
-          f"ratio: {light / bare:.3f} (goal <= 1.05)")
+def trainer_loop(cfg: DictConfig, warmup: int) -> float:
+    """Seconds per step of ``Trainer.fit`` exactly as the entry point builds it."""
+    datamodule, model, trainer, _, _ = build(cfg)
+    timer = StepTimer(warmup)
+    trainer.callbacks.append(timer)
+    trainer.fit(model, datamodule=datamodule)
+    return (timer.end - timer.start) / (cfg.trainer.max_steps - warmup)
+
+
+def bare_loop(cfg: DictConfig, warmup: int) -> float:
+    """Seconds per step of the same data, loss, clipping and optimiser work in plain PyTorch."""
+    L.seed_everything(cfg.seed)
+    datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
+    o = cfg.model.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    sched = get_scheduler(o.schedule, opt, num_warmup_steps=o.warmup_steps, num_training_steps=cfg.trainer.max_steps)
+    model.train()
+    batches = iter(datamodule.train_dataloader())
+    for i in range(cfg.trainer.max_steps):
+        if i == warmup:
+            start = time.perf_counter()
+        loss = model.forward_loss(next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.trainer.gradient_clip_val)
+        opt.step()
+        sched.step()
+    return (time.perf_counter() - start) / (cfg.trainer.max_steps - warmup)
+
+
+def parser() -> argparse.ArgumentParser:
+    """Options of this benchmark."""
+    p = check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--steps", type=int, default=60, help="timed steps per run (100 or more: the first checkpoint too)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the train config, e.g. data.batch_size=16")
+    return p
+
+
+def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
+    """One round: a bare run, then a Trainer run (fresh model, data and optimiser each)."""
+    cfg = config(args, stack.enter_context(tempfile.TemporaryDirectory()))
+
+    def one_round() -> Round:
+        return {"bare": bare_loop(cfg, args.warmup), "trainer": trainer_loop(cfg, args.warmup)}
+
+    return one_round
+
+
+def figure(rounds: list[Round]) -> tuple[float, str]:
+    """Fastest Trainer step over fastest bare step."""
+    bare, trainer = min(r["bare"] for r in rounds), min(r["trainer"] for r in rounds)
+    return trainer / bare, f"bare PyTorch {bare * 1e3:.1f} ms/step, Trainer {trainer * 1e3:.1f} ms/step"
 
 
 if __name__ == "__main__":
-    main()
+    standalone(__import__(__name__))

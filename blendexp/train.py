@@ -29,12 +29,9 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (group or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured recipe and return the final logged metrics (what a sweep optimises)."""
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer, list[Any], list[Any]]:
+    """(datamodule, model, trainer, callbacks, loggers) of a run, seeded; benchmarks/train_step.py times this Trainer."""
     import lightning as L  # here, not at the top: --help and --cfg job compose without loading torch
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from blendexp.job import finish_runs, resume_path
 
     L.seed_everything(cfg.seed, workers=True)
     for key in ("data", "model", "trainer"):
@@ -43,11 +40,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")  # fail on bad shard paths before loading any model
     model = instantiate(cfg.model)
     if cfg.get("evaluate_after"):
-        from blendexp.eval.after_training import evaluate_run, method_kind
+        from blendexp.eval.after_training import method_kind
 
         method_kind(model)  # a recipe the suite cannot score fails now, not after training
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, model, trainer, callbacks, loggers
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured recipe and return the final logged metrics (what a sweep optimises)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from blendexp.job import finish_runs, resume_path
+
+    datamodule, model, trainer, callbacks, loggers = build(cfg)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
@@ -56,6 +63,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path"), trainer))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("evaluate_after") and trainer.is_global_zero:
+            from blendexp.eval.after_training import evaluate_run
+
             metrics.update(evaluate_run(cfg.evaluation, model, trainer, cfg.seed))
     except Exception as err:
         if trainer.received_sigterm:  # preempted or requeued: SLURM stopped W&B's service with us; not a failure
