@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from blendexp.config import REPO_ROOT
+from blendexp.config import CONF_DIR
 from blendexp.train import build
 from goals import Round, check_args, standalone
 
@@ -53,7 +53,7 @@ class StepTimer(L.Callback):
 
 def config(args: argparse.Namespace, out: str) -> DictConfig:
     """The composed training config a user gets, with outputs in ``out`` and ``warmup + steps`` steps."""
-    with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=[
             "+experiment=expr_adapter", f"trainer.max_steps={args.warmup + args.steps}",
             f"trainer.default_root_dir={out}", f"callbacks.checkpoint.dirpath={out}/checkpoints",
