@@ -2,12 +2,14 @@
 threshold, so the suite passes on any machine of this kind, not only on the one it was written on.
 
     uv run python scripts/measure_margins.py quick-build --seeds 0 1 2 3 4 --isa native avx2
-    uv run python scripts/measure_margins.py closed-loop --seeds 0 1 2 --isa native avx2
+    uv run python scripts/measure_margins.py closed-loop --seeds 0 1 --isa native avx2
+    uv run python scripts/measure_margins.py train-overfit | reference-overfit | shipped
 
-Each run is the user's command (the quick toy build, the reduced closed loop of tests/eval/test_closed_loop.py) in a
-fresh folder; ``--isa avx2`` runs it with PyTorch's, oneDNN's and MKL's kernels capped at AVX2 (the code paths of a
-CPU without AVX-512, such as the AMD EPYC machines CI also runs on); training on another CPU follows another
-floating-point path, so its outcome is a draw like another seed. Writes ``tests/margins/<target>.json``: every run's
+Each run calls the test module's ``measure_figures(seed, work)`` (what the test runs, such as the quick toy build or
+the reduced closed loop, with that seed, in a fresh folder) in a fresh process; ``--isa avx2`` caps PyTorch's,
+oneDNN's and MKL's kernels at AVX2 there (the code paths of a CPU without AVX-512, such as the AMD EPYC machines CI
+also runs on): training on another CPU follows another floating-point path, so its outcome is a draw like another
+seed. Writes ``tests/margins/<target>.json``: every run's
 figures, each figure's worst value, and, for each threshold the tests declare (``THRESHOLDS`` in the test module),
 the margin between that worst value and the threshold. Runs already in that file are kept and not repeated (the
 sweep resumes); delete the file after changing what a target runs.
@@ -24,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,32 +35,23 @@ ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU
                                   "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
-def run(cmd: list[str], env: dict[str, str], timeout: int = 7200) -> float:
-    """Run one user command; its wall time, or stop with its output when it fails."""
+# what can be measured: the test module that declares THRESHOLDS and ``measure_figures(seed, work)``
+TARGETS = {"quick-build": "tests.toyworld.test_assets", "closed-loop": "tests.eval.test_closed_loop",
+           "train-overfit": "tests.test_train", "reference-overfit": "tests.modules.test_reference",
+           "shipped": "tests.toyworld.test_shipped"}
+MEASURE = ("import json, sys; from pathlib import Path; from {module} import measure_figures; "
+           "print('FIGURES ' + json.dumps(measure_figures(int(sys.argv[1]), Path(sys.argv[2]))))")
+
+
+def measure(module: str, seed: int, env: dict[str, str], work: Path) -> dict[str, Any]:
+    """The module's ``measure_figures`` in a fresh process whose kernels follow ``env`` (set before torch loads)."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, text=True, capture_output=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", MEASURE.format(module=module), str(seed), str(work)], cwd=REPO,
+                          env={**os.environ, **env}, text=True, capture_output=True)
     if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return time.perf_counter() - start
-
-
-def quick_build(seed: int, env: dict[str, str], work: Path) -> dict[str, Any]:
-    """The quick toy build (tests/toyworld/test_assets.py) with ``--seed``: its figures from metrics.json."""
-    from tests.toyworld.test_assets import quick_build_figures
-
-    root = work / "toy"
-    wall = run([sys.executable, "-m", "blendexp.toyworld.assets", "--root", str(root), "--quick", "--seed", str(seed)],
-               env)
-    return {"wall_s": round(wall, 1), **quick_build_figures(json.loads((root / "metrics.json").read_text()))}
-
-
-def closed_loop(seed: int, env: dict[str, str], work: Path) -> dict[str, Any]:
-    """The reduced closed loop of tests/eval/test_closed_loop.py with ``--seed``: its ratios."""
-    from tests.eval.test_closed_loop import closed_loop_command, closed_loop_figures, toy_data
-
-    data = toy_data(work / "data")
-    wall = run([*closed_loop_command(data, work / "out"), "--seed", str(seed)], env)
-    return {"wall_s": round(wall, 1), **closed_loop_figures(work / "out")}
+        sys.exit(f"{module} (seed {seed}) failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("FIGURES ")][-1]
+    return {"wall_s": round(time.perf_counter() - start, 1), **json.loads(line.removeprefix("FIGURES "))}
 
 
 def cpu_name() -> str:
@@ -68,12 +60,6 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.machine()
-
-
-TARGETS: dict[str, tuple[Callable[[int, dict[str, str], Path], dict[str, Any]], str]] = {
-    "quick-build": (quick_build, "tests.toyworld.test_assets"),
-    "closed-loop": (closed_loop, "tests.eval.test_closed_loop"),
-}
 
 
 def summarise(runs: list[dict[str, Any]], thresholds: dict[str, tuple[str, float]]) -> dict[str, Any]:
@@ -105,7 +91,7 @@ def main() -> None:
     p.add_argument("--isa", nargs="+", choices=sorted(ISA_ENV), default=["native", "avx2"])
     p.add_argument("--out", type=Path, default=None, help="default: tests/margins/<target>.json")
     a = p.parse_args()
-    measure, module = TARGETS[a.target]
+    module = TARGETS[a.target]
     sys.path.insert(0, str(REPO))
     thresholds = importlib.import_module(module).THRESHOLDS
     out = a.out or OUT / f"{a.target.replace('-', '_')}.json"
@@ -117,7 +103,7 @@ def main() -> None:
             if any(r["seed"] == seed and r["isa"] == isa for r in runs):
                 continue
             with tempfile.TemporaryDirectory(prefix=f"margins-{a.target}-") as work:
-                figures = measure(seed, ISA_ENV[isa], Path(work))
+                figures = measure(module, seed, ISA_ENV[isa], Path(work))
             runs.append({"seed": seed, "isa": isa, "figures": figures})
             print(json.dumps(runs[-1]), flush=True)
             write(out, runs, thresholds)  # after every run: a long sweep keeps what it did

@@ -22,15 +22,19 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ensure_tiny_base(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="session")
-def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with train-*.tar (6 subjects × 4) and val-000000.tar (2 subjects × 4) toy faces at 64 px."""
+def write_toy_shards(out: Path) -> Path:
+    """train-*.tar (6 subjects × 4) and val-000000.tar (2 subjects × 4) toy faces at 64 px in ``out``."""
     from blendexp.toyworld.shards import write_split
 
-    out = tmp_path_factory.mktemp("toy_shards")
     write_split(out, "train", range(6), 4, 64, seed=0, per_shard=12)
     write_split(out, "val", range(6, 8), 4, 64, seed=0, per_shard=100)
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test shards of ``write_toy_shards``, written once per session."""
+    return write_toy_shards(tmp_path_factory.mktemp("toy_shards"))
 
 
 def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 600,

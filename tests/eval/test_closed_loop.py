@@ -56,6 +56,14 @@ def closed_loop_figures(out: Path) -> dict[str, float]:
             "expr_ratio": result["expr_ratio"], "bg_l1_ref_vs_expr": result["bg_l1_ref_vs_expr"]}
 
 
+def measure_figures(seed: int, work: Path) -> dict[str, float]:
+    """The reduced closed loop with ``--seed`` in ``work`` (scripts/measure_margins.py)."""
+    cmd = [*closed_loop_command(toy_data(work / "data"), work / "out"), "--seed", str(seed)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=7200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return closed_loop_figures(work / "out")
+
+
 @pytest.mark.slow
 def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path) -> None:
     data = toy_data(tmp_path / "data")

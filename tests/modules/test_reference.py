@@ -15,7 +15,7 @@ from blendexp.models.arc2face import Arc2FaceBase
 from blendexp.models.expression_adapter import adapter_parameters, attach_expression_adapter, save_expression_adapter
 from blendexp.models.reference_adapter import reference_lora_parameters
 from blendexp.modules.reference import ReferenceAdapterModule
-from tests.conftest import run_cli
+from tests.conftest import missed_thresholds, run_cli
 
 
 def make_module(tiny_base, dropout: dict[str, float] | None = None, **kw) -> ReferenceAdapterModule:
@@ -54,11 +54,17 @@ def count_calls(module: torch.nn.Module) -> list[int]:
     return calls
 
 
-@pytest.mark.slow
-def test_overfits_one_pair_and_keeps_only_trained_weights(tiny_base, tmp_path: Path) -> None:
+# Loss on one pair after 60 steps over before (same fixed noise draws; an adapter that does not train stays at 1.0).
+# Seeds 0-2 with native and AVX2 kernels gave 0.699-0.755 (tests/margins/reference_overfit.json, written by
+# scripts/measure_margins.py), so the former 0.8 left 0.045; 0.85 keeps the policy's 0.05 and more.
+THRESHOLDS = {"loss_after_vs_before": ("<", 0.85)}
+
+
+def overfit_one_pair(tiny_base, seed: int = 0) -> tuple[ReferenceAdapterModule, L.Trainer, dict[str, float]]:
+    """60 Lightning steps at lr 1e-2 on one (reference, target) pair; the module, its trainer and the loss ratio."""
+    L.seed_everything(seed)
     module = make_module(tiny_base)
-    batch = pair_batch()
-    frozen = {k: v.clone() for k, v in module.ref_unet.state_dict().items()}
+    batch = pair_batch(seed=seed)
     module.optim_cfg["lr"] = 1e-2
     before = fixed_loss(module, batch)
     module.train()
@@ -66,8 +72,23 @@ def test_overfits_one_pair_and_keeps_only_trained_weights(tiny_base, tmp_path: P
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     trainer.fit(module, DataLoader([batch] * 60, batch_size=None))
-    after = fixed_loss(module, batch)
-    assert after < 0.8 * before, (before, after)
+    return module, trainer, {"loss_after_vs_before": fixed_loss(module, batch) / before}
+
+
+def measure_figures(seed: int, work: Path) -> dict[str, float]:
+    """``overfit_one_pair`` with ``seed`` on a freshly written tiny base, one thread as in the test
+    (scripts/measure_margins.py)."""
+    from blendexp.models.tiny import ensure_tiny_base
+
+    torch.set_num_threads(1)
+    return overfit_one_pair(ensure_tiny_base(work / "tiny"), seed)[2]
+
+
+@pytest.mark.slow
+def test_overfits_one_pair_and_keeps_only_trained_weights(tiny_base, tmp_path: Path) -> None:
+    module, trainer, figures = overfit_one_pair(tiny_base)
+    assert missed_thresholds(figures, THRESHOLDS) == []
+    frozen = make_module(tiny_base).ref_unet.state_dict()  # as loaded: the frozen copy must not have moved
     assert all(torch.equal(v, frozen[k]) for k, v in module.ref_unet.state_dict().items())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]

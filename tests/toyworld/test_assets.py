@@ -100,6 +100,13 @@ def quick_build_figures(metrics: dict[str, Any]) -> dict[str, float]:
             "vae.psnr_gain_db": vae["psnr"] - vae["mean_image_psnr"]}
 
 
+def measure_figures(seed: int, work: Path) -> dict[str, float]:
+    """A quick build with ``--seed`` in ``work`` (scripts/measure_margins.py)."""
+    res = run_cli("blendexp.toyworld.assets", "--root", str(work / "toy"), "--quick", "--seed", str(seed), timeout=7200)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return quick_build_figures(json.loads((work / "toy" / "metrics.json").read_text()))
+
+
 @pytest.mark.slow
 def test_quick_build_beats_trivial_baselines(quick_build) -> None:
     m = json.loads((quick_build[0] / "metrics.json").read_text())

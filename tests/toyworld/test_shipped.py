@@ -7,22 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from blendexp.faces.expression import load_smirk
 from blendexp.faces.identity import ArcFaceONNX
 from blendexp.toyworld.annotators import base_id_similarity, expression_metrics, identity_metrics
 from blendexp.toyworld.assets import SHIPPED, SHIPPED_ROOT, decoded, render_set
 from blendexp.toyworld.params import sample_expression
+from tests.conftest import missed_thresholds
 
 ARCFACE, SMIRK = SHIPPED_ROOT / "models/antelopev2/arcface.onnx", SHIPPED_ROOT / "models/smirk/SMIRK_em1.pt"
 FRESH_STREAM = 7  # identities no build step trained or measured on (streams 1 and 2 are the build's renders)
-
-
-@pytest.fixture(scope="module")
-def fresh() -> dict[str, np.ndarray]:
-    """Faces of 16 unseen identities, 4 photos each, rendered as the build renders its held-out set."""
-    return render_set(seed=0, stream=FRESH_STREAM, subjects=range(16), per_subject=4, size=128, nuisance=1.0)
 
 
 def test_every_shipped_file_is_there_in_the_official_layout() -> None:
@@ -37,32 +31,60 @@ def test_every_shipped_file_is_there_in_the_official_layout() -> None:
     assert metrics["base"]["id_auc"] > 0.95  # the build's own measurement of the shipped base
 
 
-def test_shipped_annotators_read_unseen_faces() -> None:
-    faces = render_set(seed=0, stream=FRESH_STREAM, subjects=range(16, 40), per_subject=4, size=128, nuisance=1.0)
+# Each threshold sits below the worst of the re-measurements over render seeds (other unseen identities) and CPU code
+# paths, with the margin in tests/margins/shipped.json (scripts/measure_margins.py). What the build measured on its 48
+# held-out identities (metrics.json): recogniser AUC 1.000, accuracy 0.997; expression MAE 0.89x the mean predictor's,
+# eyelids 0.39-0.41x, jaw opening 0.27x on renders and 0.34x on VAE round trips (as generated faces look; the
+# eyelids barely survive the 8x VAE: 0.73-0.75x); base ID AUC 0.99, matched 0.56 vs 0.00 for other identities.
+THRESHOLDS = {
+    "identity.roc_auc": (">", 0.95), "identity.verification_accuracy": (">", 0.9),
+    "expression.mae_vs_mean_predictor": ("<", 0.95),
+    "expression.eyelid_left_vs_mean_predictor": ("<", 0.5), "expression.eyelid_right_vs_mean_predictor": ("<", 0.5),
+    "expression.jaw_open_vs_mean_predictor": ("<", 0.5),
+    "expression.jaw_open_decoded_vs_mean_predictor": ("<", 0.5),  # what the closed loop calls readable
+    "base.id_auc": (">", 0.9), "base.matched_minus_random": (">", 0.25),
+}
+
+
+def annotator_figures(seed: int = 0) -> dict[str, float]:
+    """The shipped recogniser and SMIRK on 24 unseen identities x 4 photos (rendered as the build's held-out set)."""
+    faces = render_set(seed=seed, stream=FRESH_STREAM, subjects=range(16, 40), per_subject=4, size=128, nuisance=1.0)
     ident = identity_metrics(ArcFaceONNX(ARCFACE), faces["images"], faces["labels"])
-    # Build on 48 held-out identities: AUC 1.000, accuracy 0.997 (chance 0.5 for both).
-    assert ident["roc_auc"] > 0.95 and ident["verification_accuracy"] > 0.9
     rng = np.random.default_rng(1)
     prior_mean = np.mean([sample_expression(rng) for _ in range(5000)], axis=0)  # the best constant prediction
     (vae_round_trips,) = decoded(SHIPPED_ROOT / "stable-diffusion-v1-5/vae", (faces["images"],), 64)
     exp = expression_metrics(load_smirk(SMIRK), faces["images"], vae_round_trips, faces["expressions"], prior_mean)
-    # Build (384 held-out faces): MAE 0.89x the mean predictor's overall; eyelids 0.39-0.41x, jaw opening 0.27x on
-    # renders.
-    assert exp["mae"] < 0.95 * exp["mean_predictor_mae"]
-    per = exp["per_component_mae_vs_mean_predictor"]
-    for name in ("eyelid.0 (eyelid_left)", "eyelid.1 (eyelid_right)", "jaw.0 (jaw_open)"):
-        assert per[name][0] < 0.5 * per[name][1], name
-    # Faces as the toy VAE returns them (as generated faces are): the jaw opening stays readable (build: 0.34x),
-    # the eyelids barely (0.73-0.75x: the 8x VAE keeps little of a 64 px face's eyes).
-    jaw = exp["per_component_mae_vs_mean_predictor_decoded"]["jaw.0 (jaw_open)"]
-    assert jaw[0] < 0.5 * jaw[1]  # what the closed loop calls readable
+    ratio = lambda pair: pair[0] / pair[1]
+    per, dec = exp["per_component_mae_vs_mean_predictor"], exp["per_component_mae_vs_mean_predictor_decoded"]
+    return {"identity.roc_auc": ident["roc_auc"], "identity.verification_accuracy": ident["verification_accuracy"],
+            "expression.mae_vs_mean_predictor": exp["mae"] / exp["mean_predictor_mae"],
+            "expression.eyelid_left_vs_mean_predictor": ratio(per["eyelid.0 (eyelid_left)"]),
+            "expression.eyelid_right_vs_mean_predictor": ratio(per["eyelid.1 (eyelid_right)"]),
+            "expression.jaw_open_vs_mean_predictor": ratio(per["jaw.0 (jaw_open)"]),
+            "expression.jaw_open_decoded_vs_mean_predictor": ratio(dec["jaw.0 (jaw_open)"])}
 
 
-def test_shipped_base_draws_the_identity_it_is_given(fresh, tmp_path: Path) -> None:
+def base_figures(grid: Path, seed: int = 0) -> dict[str, float]:
+    """The shipped base drawing 16 unseen identities (one sample, 10 steps), scored by the shipped recogniser."""
+    fresh = render_set(seed=seed, stream=FRESH_STREAM, subjects=range(16), per_subject=4, size=128, nuisance=1.0)
     m = base_id_similarity(SHIPPED_ROOT, ARCFACE, fresh, size=64, identities=16, samples=1,
-                           steps=10, guidance=3.0, seed=0, grid=tmp_path / "grid.png")
-    # Build (48 identities x 2 seeds, 20 steps): matched 0.56 vs 0.00 for other identities, AUC 0.99. A base that
-    # ignores the ID (the epsilon-prediction recipe) scores AUC 0.52, the 1200-step base of the 21 dB VAE 0.86.
-    assert m["id_auc"] > 0.9
-    assert m["id_sim_matched"] > m["id_sim_random"] + 0.25
+                           steps=10, guidance=3.0, seed=seed, grid=grid)
+    return {"base.id_auc": m["id_auc"], "base.matched_minus_random": m["id_sim_matched"] - m["id_sim_random"]}
+
+
+def measure_figures(seed: int, work: Path) -> dict[str, float]:
+    """Both re-measurements with ``seed`` (scripts/measure_margins.py)."""
+    return {**annotator_figures(seed), **base_figures(work / "grid.png", seed)}
+
+
+def test_shipped_annotators_read_unseen_faces() -> None:
+    figures = annotator_figures()
+    assert missed_thresholds(figures, {k: v for k, v in THRESHOLDS.items() if k in figures}) == []
+
+
+def test_shipped_base_draws_the_identity_it_is_given(tmp_path: Path) -> None:
+    # A base that ignores the ID (the epsilon-prediction recipe) scores AUC 0.52, the 1200-step base of the 21 dB VAE
+    # 0.86.
+    figures = base_figures(tmp_path / "grid.png")
+    assert missed_thresholds(figures, {k: v for k, v in THRESHOLDS.items() if k in figures}) == []
     assert (tmp_path / "grid.png").is_file()
