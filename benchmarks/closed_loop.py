@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from blendexp.eval.inputs import Skipped, read_images
+from blendexp.data.image_sets import Skipped, read_images
 
 REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, ID_GOAL, READABLE = 0.5, 0.9, 0.5

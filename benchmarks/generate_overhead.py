@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-from blendexp.expressions import preset
+from blendexp.flame import preset
 from blendexp.models.arc2face import Arc2FaceBase, Arc2FaceTextEncoder, id_prompt_embeds
 from blendexp.models.expression_adapter import attach_expression_adapter, expression_embeds, save_expression_adapter
 from blendexp.models.tiny import ensure_tiny_base

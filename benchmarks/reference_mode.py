@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from blendexp.expressions import preset
+from blendexp.flame import preset
 from blendexp.models.arc2face import Arc2FaceBase
 from blendexp.models.reference_adapter import DEMO_GUIDANCE, DEMO_STEPS, add_reference_lora, save_reference_lora
 from generate_overhead import both_pipelines, pipeline_args, plain_call, timed

@@ -1,5 +1,5 @@
 """Lightning callbacks shared by the recipes: fixed-seed sample grids, checkpoints by steps and time, the random
-streams a resume needs, and adapter export at the end."""
+streams a resume needs, and adapter export at the end (image helpers without Lightning: ``blendexp/images.py``)."""
 
 from __future__ import annotations
 
@@ -14,26 +14,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
+
+from blendexp.images import image_grid, to_uint8
 
 log = logging.getLogger(__name__)
-
-
-def image_grid(rows: list[list[np.ndarray | None]], pad: int = 2) -> Image.Image:
-    """Tile uint8 (H, W, 3) images into one picture; ``None`` cells stay white."""
-    h, w = next(c for r in rows for c in r if c is not None).shape[:2]
-    grid = np.full((len(rows) * (h + pad) + pad, max(map(len, rows)) * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, cell in enumerate(row):
-            if cell is not None:
-                y, x = pad + i * (h + pad), pad + j * (w + pad)
-                grid[y:y + h, x:x + w] = cell[:h, :w]
-    return Image.fromarray(grid)
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 PREVIEW_POOL = 64  # evaluation samples scanned to find distinct subjects for the grid

@@ -12,9 +12,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
-from blendexp.eval.inputs import IMAGE_EXTS, load_image
-from blendexp.expressions import NamedExpression, apply_edits, parse_expression
+from blendexp.flame import EXP_DIM, ID_DIM, NamedExpression, apply_edits, check_vector, parse_expression
+from blendexp.images import IMAGE_EXTS, load_image
 from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 from blendexp.ranges import check_sampling
 

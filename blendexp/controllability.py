@@ -16,9 +16,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
-from blendexp.data.format import component_index
-
 from blendexp.errors import run_entry
+from blendexp.flame import component_index
 
 if TYPE_CHECKING:  # pandas, matplotlib, torch and diffusers load in the commands, after Hydra composed the config
     import pandas as pd
@@ -26,7 +25,7 @@ if TYPE_CHECKING:  # pandas, matplotlib, torch and diffusers load in the command
 
 def sweep_values(component: str, value_range: Any, points: int) -> np.ndarray:
     """``points`` evenly spaced requested values over the configured range (or the component's own)."""
-    from blendexp.expressions import component_range
+    from blendexp.flame import component_range
 
     component_index(component)  # unknown names fail here, listing the valid ones
     low, high = component_range(component) if value_range is None else (float(v) for v in value_range)
@@ -53,7 +52,7 @@ def plot_curve(frame: pd.DataFrame, component: str, fit: dict[str, float], path:
     matplotlib.use("Agg")  # file-only backend
     import matplotlib.pyplot as plt
 
-    from blendexp.expressions import component_label
+    from blendexp.flame import component_label
 
     stats = frame.groupby("requested")["measured"].agg(["mean", "std"]).reset_index()
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -76,9 +75,9 @@ def controllability(cfg: DictConfig) -> dict[str, Any]:
     """Run the sweep; returns the written files and the fitted line (what tests and sweeps read)."""
     import pandas as pd
 
-    from blendexp.callbacks import image_grid
     from blendexp.commands import check_expressions, check_inputs, container, load_session, sampling
-    from blendexp.expressions import apply_edits
+    from blendexp.flame import apply_edits
+    from blendexp.images import image_grid
 
     start = time.perf_counter()
     component = str(cfg.component)

@@ -30,7 +30,7 @@ UI_NAMES = {"num_images": "samples", "expression_scale": "expression scale", "re
 def uploaded_image(payload: Mapping[str, Any] | None, label: str) -> np.ndarray | None:
     """An upload (gradio's file payload; the event skips gradio's own decoding, whose error is "Could not preprocess
     input component at index 0") as RGB, or None; a file that is not an image is an error naming the field and file."""
-    from blendexp.eval.inputs import load_image
+    from blendexp.images import load_image
 
     if payload is None:
         return None
@@ -46,23 +46,21 @@ class DemoApp:
 
     def __init__(self, pipe: ExpressionPipeline, face: FaceIdentity, cfg: DictConfig) -> None:
         """Keep the loaded pipeline, the configured identity (used when no photo is given) and the defaults."""
-        from blendexp.expressions import main_components
+        from blendexp.flame import main_components
 
         self.pipe, self.face, self.cfg = pipe, face, cfg
         self.components = main_components()
 
     def slider_values(self, name: str) -> list[float]:
         """A preset's values of the slider components (choosing a preset moves the sliders)."""
-        from blendexp.data.format import component_index
-        from blendexp.expressions import preset
+        from blendexp.flame import component_index, preset
 
         exp = preset(name)
         return [float(exp[component_index(c)]) for c in self.components]
 
     def expression(self, driving: np.ndarray | None, preset_name: str, values: tuple[float, ...]) -> np.ndarray:
         """The driving image's SMIRK vector if one is given, else the preset with the sliders' values."""
-        from blendexp.data.format import component_index
-        from blendexp.expressions import preset
+        from blendexp.flame import component_index, preset
 
         if driving is not None:
             return self.pipe.expression_from_image(driving)
@@ -77,7 +75,7 @@ class DemoApp:
         is a readable error in the page (``gr.Error``) and the server goes on serving."""
         import gradio as gr
 
-        from blendexp.expressions import describe
+        from blendexp.flame import describe
 
         try:
             settings = check_sampling(UI_NAMES, num_images=samples, seed=seed, steps=steps, guidance=guidance,
@@ -100,7 +98,7 @@ class DemoApp:
         """The Blocks page; ``/generate`` takes the inputs in the order listed under "Use via API"."""
         import gradio as gr
 
-        from blendexp.expressions import component_label, component_range, load_presets
+        from blendexp.flame import component_label, component_range, load_presets
 
         cfg = self.cfg
         with gr.Blocks(title="blendexp: blendshape-guided faces", analytics_enabled=False) as page:

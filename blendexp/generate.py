@@ -22,7 +22,7 @@ from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.
 from blendexp.errors import run_entry
 
 if TYPE_CHECKING:  # the commands import torch and diffusers inside, so --help and --cfg job compose without them
-    from blendexp.expressions import NamedExpression
+    from blendexp.flame import NamedExpression
     from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 
 GRID_COLUMNS = 8  # frames per row of a transition's contact sheet
@@ -60,9 +60,9 @@ def write_gif(frames: np.ndarray, path: Path, fps: float) -> Path:
 def _expression_grid(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdentity, reference: np.ndarray | None,
                      out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Images of every (expression, sample) and the grid; returns (files, what settings.json records)."""
-    from blendexp.callbacks import image_grid
     from blendexp.commands import container, sampling
-    from blendexp.expressions import apply_edits, describe
+    from blendexp.flame import apply_edits, describe
+    from blendexp.images import image_grid
 
     named = _unique([(n, apply_edits(e, container(cfg.edits))) for n, e in pipe.load_expressions(container(cfg.expression))])
     samples = int(cfg.samples)
@@ -81,10 +81,9 @@ def _expression_grid(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdenti
 def _transition(pipe: ExpressionPipeline, cfg: DictConfig, face: FaceIdentity, reference: np.ndarray | None,
                 out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """An interpolated sequence through the keyframes, all frames from the same noise; GIF, MP4 and contact sheet."""
-    from blendexp.callbacks import image_grid
     from blendexp.commands import container, sampling
-    from blendexp.expressions import apply_edits, describe, interpolate
-    from blendexp.toyworld.video import write_video
+    from blendexp.flame import apply_edits, describe, interpolate
+    from blendexp.images import image_grid, write_video
 
     keys = [(n, apply_edits(e, container(cfg.edits))) for n, e in pipe.load_expressions(container(cfg.transition.keyframes))]
     path = interpolate([e for _, e in keys], int(cfg.transition.frames), str(cfg.transition.ease))

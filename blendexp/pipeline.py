@@ -25,14 +25,13 @@ from diffusers import SchedulerMixin, StableDiffusionPipeline, UNet2DConditionMo
 from PIL import Image
 from tqdm.auto import tqdm
 
-from blendexp.data.format import EXP_DIM, ID_DIM, check_vector
-from blendexp.eval.annotators import Annotators, build_annotators
-from blendexp.eval.inputs import is_shards, load_image, read_images
-from blendexp.eval.methods import DTYPES, resolve_adapter
-from blendexp.expressions import NamedExpression, interpolate, parse_expression
-from blendexp.expressions import negative_expression as negative_expression_vector
+from blendexp.data.image_sets import is_shards, read_images
 from blendexp.faces.align import align_ffhq, arcface_crop
+from blendexp.faces.annotators import Annotators, build_annotators, ensure_tiny_annotators
 from blendexp.faces.detect import ensure_rgb
+from blendexp.flame import EXP_DIM, ID_DIM, NamedExpression, check_vector, interpolate, parse_expression
+from blendexp.flame import negative_expression as negative_expression_vector
+from blendexp.images import load_image
 from blendexp.models.arc2face import SD15_HUB_ID, Arc2FaceBase, id_prompt_embeds
 from blendexp.models.expression_adapter import WEIGHT_NAME, expression_embeds
 from blendexp.models.reference_adapter import (
@@ -45,6 +44,7 @@ from blendexp.models.reference_adapter import (
     reference_unet,
     save_reference_lora,
 )
+from blendexp.models.resolve import DTYPES, resolve_adapter
 from blendexp.models.tiny import ensure_tiny_base
 from blendexp.ranges import check_sampling
 
@@ -73,12 +73,10 @@ def official_annotators(models_dir: str | Path) -> dict[str, Any]:
 
 def build_face_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     """The evaluation's annotators without its second recogniser; ``tiny_root`` writes tiny random ones once."""
-    from blendexp.data.build import ensure_tiny_annotators  # only the ArcFace/SMIRK pair: no 100 MB facenet
-
     cfg = dict(cfg)
     if cfg.get("tiny_root"):
-        arcface, smirk = ensure_tiny_annotators(cfg["tiny_root"])
-        cfg.update(arcface=str(arcface), smirk=str(smirk))
+        tiny = ensure_tiny_annotators(cfg["tiny_root"], facenet=False)  # only the ArcFace/SMIRK pair: no facenet
+        cfg.update(arcface=str(tiny["arcface"]), smirk=str(tiny["smirk"]))
     return build_annotators({**cfg, "tiny_root": None, "facenet": None}, device)
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from blendexp.callbacks import Checkpoint, image_grid, preview_order
+from blendexp.callbacks import Checkpoint, preview_order
+from blendexp.images import image_grid
 
 
 def test_preview_picks_distinct_subjects_then_other_donors() -> None:

@@ -241,69 +241,17 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
     return {"out": str(out), "manifest": manifest, "stats": stats}
 
 
-def render_toy(toy: Mapping[str, Any]) -> Path:
-    """Render toy-world stills (PNG) and clips (MP4 + ground-truth .npz) as builder inputs; skipped when done."""
-    from blendexp.toyworld.params import sample_identity
-    from blendexp.toyworld.video import make_clip, render_stills, write_clip
-
-    out, spec = Path(toy["out"]), json.dumps(dict(toy), sort_keys=True)
-    marker = out / ".complete"
-    if marker.exists() and marker.read_text() == spec:
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    subject, size, strength = 0, int(toy["size"]), float(toy["nuisance"])
-    for split in ("stills", "videos", "val"):
-        part = toy[split]
-        for _ in range(int(part["subjects"])):
-            rng = np.random.default_rng([int(toy["seed"]), subject])
-            identity, folder = sample_identity(rng), out / split / f"s{subject:04d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            if split == "videos":
-                for c in range(int(part["clips"])):
-                    clip = make_clip(identity, rng, int(part["frames"]), size, float(part["fps"]),
-                                     nuisance_strength=strength)
-                    write_clip(clip, folder, f"c{c:02d}")
-            else:
-                for i, (image, _) in enumerate(render_stills(identity, rng, int(part["per_subject"]), size,
-                                                             nuisance_strength=strength)):
-                    image.save(folder / f"{i:03d}.png")
-            subject += 1
-    for path in out.rglob("*"):  # fixed times: a re-render keeps the resume fingerprint of an earlier build
-        os.utime(path, (TAR_MTIME, TAR_MTIME))
-    marker.write_text(spec)
-    log.info("toy-world inputs rendered to %s", out)
-    return out
-
-
-def ensure_tiny_annotators(folder: str | Path) -> tuple[Path, Path]:
-    """A random ArcFace ONNX and SMIRK checkpoint in the official formats, for offline builds (written once)."""
-    import torch
-    from torch import nn
-
-    from blendexp.faces.expression import SmirkExpressionEncoder, save_smirk_checkpoint
-    from blendexp.faces.identity import export_arcface_onnx
-
-    arcface, smirk = Path(folder) / "antelopev2" / "arcface.onnx", Path(folder) / "smirk" / "SMIRK_em1.pt"
-    if not arcface.exists():
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Conv2d(3, 16, 5, stride=4), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 512))
-        os.replace(export_arcface_onnx(net, arcface.with_name("arcface.tmp.onnx")), arcface)
-    if not smirk.exists():
-        torch.manual_seed(0)
-        os.replace(save_smirk_checkpoint(SmirkExpressionEncoder(), smirk.with_suffix(".tmp")), smirk)
-    return arcface, smirk
-
-
 def resolve_models(cfg: dict[str, Any]) -> None:
     """Fill null annotator paths with tiny random ones (when ``tiny_annotators`` is set) and record model ids."""
+    from blendexp.faces.annotators import ensure_tiny_annotators
+
     if cfg["identity"]["path"] is None or cfg["expression"]["smirk"] is None:
         if not cfg.get("tiny_annotators"):
             raise ValueError("identity.path and expression.smirk must name model files (or set tiny_annotators="
                              "<folder> to use tiny random ones, for tests and toy data only)")
-        arcface, smirk = ensure_tiny_annotators(cfg["tiny_annotators"])
-        cfg["identity"]["path"] = cfg["identity"]["path"] or str(arcface)
-        cfg["expression"]["smirk"] = cfg["expression"]["smirk"] or str(smirk)
+        tiny = ensure_tiny_annotators(cfg["tiny_annotators"], facenet=False)
+        cfg["identity"]["path"] = cfg["identity"]["path"] or str(tiny["arcface"])
+        cfg["expression"]["smirk"] = cfg["expression"]["smirk"] or str(tiny["smirk"])
     for what, path in (("identity.path", cfg["identity"]["path"]), ("expression.smirk", cfg["expression"]["smirk"])):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what}: model file {path} does not exist; expected layout: models/antelopev2/"
@@ -329,8 +277,8 @@ def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     c.pop("hydra", None)
     if int(c["video"]["stride"]) < 1 or int(c["shard"]["maxcount"]) < 1:
         raise ValueError("video.stride and shard.maxcount must be >= 1")
-    if c.get("toy"):
-        render_toy(c["toy"])
+    if c.get("toy"):  # inputs to render first, e.g. the toy world's (conf/data/build/toy.yaml names the renderer)
+        hydra.utils.call(c["toy"], _convert_="all")
     plan = plan_tasks(c)
     resolve_models(c)
     check_plan(c, plan)

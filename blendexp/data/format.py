@@ -4,7 +4,8 @@ One sample per aligned face crop, keyed ``<source>/<subject>/<clip-or-image>/<fr
 ``jpg`` (aligned RGB face), ``id.npy`` (512,) float32 L2-normalised identity embedding,
 ``exp.npy`` (55,) float32 FLAME vector (50 expression, 2 eyelid, 3 jaw, as SMIRK outputs),
 ``json`` metadata and optionally ``latents.npy`` (cached VAE latents, (C, H/8, W/8); C = 4 for SD 1.5).
-Builder, loader, evaluator and toy world all read and write through this module.
+Builder, loader, evaluator and toy world all read and write through this module; the vectors' layout is
+``blendexp/flame.py``'s.
 """
 
 from __future__ import annotations
@@ -17,19 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from blendexp.flame import EXP_DIM, ID_DIM, check_vector
+
 FORMAT_VERSION = 1
-ID_DIM = 512
-EXP_DIM = 55
-N_EXPRESSION, N_EYELID, N_JAW = 50, 2, 3
-EXPRESSION = slice(0, N_EXPRESSION)
-EYELIDS = slice(N_EXPRESSION, N_EXPRESSION + N_EYELID)
-JAW = slice(N_EXPRESSION + N_EYELID, EXP_DIM)
-GROUPS: dict[str, slice] = {"exp": EXPRESSION, "eyelid": EYELIDS, "jaw": JAW}
-COMPONENT_NAMES: tuple[str, ...] = tuple(
-    [f"exp.{i}" for i in range(N_EXPRESSION)]
-    + [f"eyelid.{i}" for i in range(N_EYELID)]
-    + [f"jaw.{i}" for i in range(N_JAW)]
-)
 REQUIRED_KEYS = ("jpg", "id.npy", "exp.npy", "json")
 NORM_TOLERANCE = 1e-3  # | ||id|| - 1 | allowed on read: float32 storage keeps real embeddings within 1e-6
 # Why a member is unusable: a tar that cannot be read on, a member that is absent or does not decode, an array or
@@ -44,24 +35,6 @@ class CorruptSample(ValueError):
         """``reason``: one of ``SKIP_REASONS``."""
         super().__init__(message)
         self.reason = reason
-
-
-def component_index(name: str) -> int:
-    """Index of a FLAME component given as ``exp.3``, ``eyelid.1`` or ``jaw.0`` (used by CLI edits)."""
-    if name not in COMPONENT_NAMES:
-        raise KeyError(f"unknown FLAME component {name!r}; expected exp.0..exp.49, eyelid.0..1 or jaw.0..2")
-    return COMPONENT_NAMES.index(name)
-
-
-def check_vector(vec: Any, dim: int, what: str, origin: str = "") -> np.ndarray:
-    """Return ``vec`` as float32 of shape (dim,), or raise naming where it came from and the expected size."""
-    arr = np.asarray(vec, dtype=np.float32).reshape(-1)
-    if arr.shape != (dim,):
-        where = f" in {origin}" if origin else ""
-        raise ValueError(f"{what}{where} has {arr.size} values; {dim} values are expected")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{what}{origin and ' in ' + origin} contains NaN or Inf")
-    return arr
 
 
 def make_key(source: str, subject: str, clip: str | None, frame: int) -> str:

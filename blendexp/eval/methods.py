@@ -20,19 +20,10 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
-from blendexp.checkpoints import load_weights_only
-from blendexp.data.format import EXP_DIM
-from blendexp.eval.inputs import IMAGE_EXTS
-from blendexp.expressions import negative_expression
+from blendexp.flame import negative_expression
+from blendexp.images import IMAGE_EXTS
 from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
-from blendexp.models.expression_adapter import (
-    WEIGHT_NAME,
-    attach_expression_adapter,
-    expression_embeds,
-    fold_input_scale,
-    load_expression_adapter,
-    save_expression_adapter,
-)
+from blendexp.models.expression_adapter import expression_embeds, load_expression_adapter
 from blendexp.models.reference_adapter import (
     LORA_WEIGHT_NAME,
     add_reference_lora,
@@ -40,12 +31,11 @@ from blendexp.models.reference_adapter import (
     load_reference_pipeline,
     save_reference_lora,
 )
+from blendexp.models.resolve import DTYPES, has_adapter, resolve_adapter
 from blendexp.models.tiny import ensure_tiny_base
 from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -73,62 +63,6 @@ class FolderMethod:
         """The stored image for this (source, target, sample), or None when the folder lacks it."""
         stem = self.root / source / f"{target}_{k}"
         return next((stem.with_suffix(ext) for ext in IMAGE_EXTS if stem.with_suffix(ext).is_file()), None)
-
-
-def _has_adapter(folder: Path) -> bool:
-    """True for a folder holding ``exp_adapter.safetensors`` or ``.bin``."""
-    return any((folder / f"{WEIGHT_NAME}.{ext}").is_file() for ext in ("safetensors", "bin"))
-
-
-def _checkpoint_state(path: Path, unet: UNet2DConditionModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes)."""
-    ckpt = load_weights_only(path)
-    state = {k.removeprefix("unet."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("unet.")}
-    state = fold_input_scale(state, (ckpt.get("hyper_parameters", {}).get("adapter") or {}).get("input_scale"))
-    proj, cross = "encoder_hid_proj.image_projection_layers.0.", unet.config.cross_attention_dim
-    if proj + "image_embeds.weight" in state:
-        return state, {"projection": "linear", "num_tokens": state[proj + "image_embeds.weight"].shape[0] // cross}
-    if proj + "ff.net.0.proj.weight" in state:
-        return state, {"projection": "mlp", "num_tokens": state[proj + "ff.net.2.weight"].shape[0] // cross,
-                       "mult": state[proj + "ff.net.0.proj.weight"].shape[0] // EXP_DIM}
-    raise ValueError(f"{path} holds no Expression Adapter weights; give an expr_adapter run folder, its export/ "
-                     f"folder, an exp_adapter file or that run's checkpoint")
-
-
-def export_checkpoint_adapter(path: Path, unet: UNet2DConditionModel, folder: Path) -> Path:
-    """Write the adapter of a Lightning checkpoint as ``exp_adapter.*`` so it loads through the official loader."""
-    scratch = copy.deepcopy(unet)
-    state, shape = _checkpoint_state(path, scratch)
-    attach_expression_adapter(scratch, **shape)
-    missing, unexpected = scratch.load_state_dict(state, strict=False)
-    absent = [k for k in missing if k.startswith("encoder_hid_proj") or "_ip." in k]
-    if absent or unexpected:
-        raise ValueError(f"{path} does not match this base's Expression Adapter: missing {absent[:3]}, "
-                         f"unexpected {unexpected[:3]}; was it trained on another base?")
-    save_expression_adapter(scratch, folder)
-    return folder
-
-
-def resolve_adapter(path: str | None, unet: UNet2DConditionModel, workdir: Path, seed: int) -> Path:
-    """An Expression Adapter file or folder that ``load_expression_adapter`` reads, from any accepted form:
-    a run folder (its ``export/``), an export folder, an adapter file, a ``.ckpt``, or None (a fresh, untrained one)."""
-    if path is None:
-        log.warning("no expression adapter configured: using a freshly initialised (untrained) one — a plumbing "
-                    "check, not a result")
-        scratch = copy.deepcopy(unet)
-        torch.manual_seed(seed)
-        attach_expression_adapter(scratch)
-        save_expression_adapter(scratch, workdir / "_weights" / "untrained_exp_adapter")
-        return workdir / "_weights" / "untrained_exp_adapter"
-    p = Path(path)
-    if p.is_file() and p.suffix == ".ckpt":
-        return export_checkpoint_adapter(p, unet, workdir / "_weights" / f"ckpt_{p.stem}")
-    if p.is_file() or (p.is_dir() and _has_adapter(p)):
-        return p
-    if p.is_dir() and _has_adapter(p / "export"):
-        return p / "export"
-    raise FileNotFoundError(f"expression adapter not found at {p}; give a training run folder, its export/ folder, "
-                            f"an {WEIGHT_NAME}.safetensors/.bin file (e.g. <models>/exp_adapter) or a .ckpt")
 
 
 class Arc2FaceMethod:
@@ -228,7 +162,7 @@ class ReferenceAdapterMethod(Arc2FaceMethod):
         if ref is not None and (Path(ref) / "export" / LORA_WEIGHT_NAME).is_file():
             ref = str(Path(ref) / "export")  # a training run folder
         exp = self.options.get("exp_adapter")
-        if exp is None and ref is not None and Path(ref).is_dir() and _has_adapter(Path(ref)):
+        if exp is None and ref is not None and Path(ref).is_dir() and has_adapter(Path(ref)):
             exp = ref  # the Expression Adapter trained jointly with this LoRA
         exp_path = resolve_adapter(exp, base.unet, workdir, self.seed)
         if ref is None:

@@ -21,7 +21,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from blendexp.data.format import EYELIDS, EXPRESSION, JAW
+from blendexp.flame import EXPRESSION, EYELIDS, JAW
 
 
 @dataclass(frozen=True)

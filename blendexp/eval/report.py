@@ -18,11 +18,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from blendexp.callbacks import image_grid  # noqa: E402
-from blendexp.data.format import COMPONENT_NAMES, N_EXPRESSION, N_EYELID  # noqa: E402
-from blendexp.eval.inputs import load_image  # noqa: E402
 from blendexp.eval.metrics import METRICS, Estimate  # noqa: E402
 from blendexp.eval.suite import SuiteResult  # noqa: E402
+from blendexp.flame import COMPONENT_NAMES, N_EXPRESSION, N_EYELID  # noqa: E402
+from blendexp.images import (
+    image_grid,  # noqa: E402
+    load_image,  # noqa: E402
+)
 
 log = logging.getLogger(__name__)
 

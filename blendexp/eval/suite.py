@@ -22,20 +22,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from blendexp.eval.annotators import Annotators, FaceReadout, build_annotators
+from blendexp.data.image_sets import InputImage, Skipped, read_images
 from blendexp.eval.features import build_feature_extractor, image_features
-from blendexp.eval.inputs import (
-    InputImage,
-    Skipped,
-    Target,
-    check_input,
-    flame_files,
-    load_image,
-    read_flame_file,
-    read_images,
-)
+from blendexp.eval.inputs import Target, check_input, flame_files, flame_targets
 from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method, check_method
 from blendexp.eval.metrics import Estimate, border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
+from blendexp.faces.annotators import Annotators, FaceReadout, build_annotators
+from blendexp.images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +125,7 @@ def read_flame_targets(cfg: Mapping[str, Any]) -> list[Target] | None:
         return None
     sel = _select(cfg)
     end = None if sel["limit"] is None else sel["offset"] + sel["limit"]
-    return _nonempty([t for f in files for t in read_flame_file(f)][sel["offset"]:end], cfg)
+    return _nonempty([t for f in files for t in flame_targets(f)][sel["offset"]:end], cfg)
 
 
 def load_targets(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[Skipped], batch: int) -> list[Target]:

@@ -155,7 +155,7 @@ class SweepReport(Callback):
             ensure_tiny_base(tiny_base)
         annotators = OmegaConf.select(config, "evaluation.annotators.tiny_root")
         if OmegaConf.select(config, "evaluate_after") and annotators:
-            from blendexp.eval.annotators import ensure_tiny_annotators
+            from blendexp.faces.annotators import ensure_tiny_annotators
 
             ensure_tiny_annotators(annotators)
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blendexp.checkpoints import load_weights_only
-from blendexp.data.format import EXP_DIM, EYELIDS, JAW, N_EXPRESSION
 from blendexp.faces.detect import Face, FaceDetector, ensure_rgb, largest_face
+from blendexp.flame import EXP_DIM, EYELIDS, JAW, N_EXPRESSION
 
 logger = logging.getLogger(__name__)
 

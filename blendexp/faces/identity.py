@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from blendexp.checkpoints import load_weights_only
-from blendexp.data.format import ID_DIM
 from blendexp.faces.align import ARCFACE_SIZE
 from blendexp.faces.detect import ort_session_kwargs
+from blendexp.flame import ID_DIM
 
 logger = logging.getLogger(__name__)
 

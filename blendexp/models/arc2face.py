@@ -21,7 +21,7 @@ from transformers.core_model_loading import PrefixChange
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from blendexp.data.format import ID_DIM
+from blendexp.flame import ID_DIM
 
 log = logging.getLogger(__name__)
 

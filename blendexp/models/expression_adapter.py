@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
-from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, ImageProjection, MultiIPAdapterImageProjection
+from diffusers.models.embeddings import ImageProjection, IPAdapterFaceIDImageProjection, MultiIPAdapterImageProjection
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
 from blendexp.checkpoints import load_weights_only
-from blendexp.data.format import EXP_DIM, GROUPS
+from blendexp.flame import EXP_DIM, GROUPS
 
 log = logging.getLogger(__name__)
 

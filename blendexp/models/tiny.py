@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blendexp.data.format import ID_DIM
+from blendexp.flame import ID_DIM
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in the functions: the CLI's --help needs none of them
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -23,14 +23,13 @@ from scipy.stats import rankdata
 from torch import nn
 from tqdm import tqdm
 
-from blendexp.data.format import COMPONENT_NAMES, EXP_DIM
-from blendexp.eval.annotators import AlignedFaces
 from blendexp.faces.align import ARCFACE_SIZE
+from blendexp.faces.annotators import AlignedFaces
 from blendexp.faces.expression import SmirkExpressionEncoder, prepare_smirk_input
 from blendexp.faces.identity import IdentityEncoder
+from blendexp.flame import COMPONENT_NAMES, EXP_DIM, MAPPED_COMPONENTS
 from blendexp.toyworld.autoencoder import to_pixels
 from blendexp.toyworld.fitting import fit
-from blendexp.toyworld.params import MAPPED_COMPONENTS
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +301,8 @@ def base_id_similarity(base_dir: Path, arcface: Path, heldout: dict[str, np.ndar
     Two real faces of one identity give the ceiling. ``grid`` shows real faces next to their generations."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from blendexp.callbacks import image_grid
     from blendexp.faces.identity import ArcFaceONNX
+    from blendexp.images import image_grid
     from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
 
     labels = heldout["labels"]

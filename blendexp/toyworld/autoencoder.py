@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from blendexp.callbacks import to_uint8
+from blendexp.images import to_uint8
 from blendexp.models.tiny import tiny_vae
 from blendexp.toyworld.fitting import fit
 

@@ -25,7 +25,8 @@ idx   component     name          range       visible change (region)
 54    jaw.2         jaw_roll      [-0.2, 0.2] + lower jaw tilts down on the image right (jaw)
 ====  ============  ============  ==========  ==================================================
 
-Values outside a range are clipped when drawing. Ranges follow SMIRK's outputs.
+Values outside a range are clipped when drawing. Ranges follow SMIRK's outputs. The table as data is
+``MAPPED_COMPONENTS`` in ``blendexp/flame.py`` (the demo's sliders and the presets use it too).
 """
 
 from __future__ import annotations
@@ -35,46 +36,12 @@ from dataclasses import astuple, dataclass, fields
 
 import numpy as np
 
-from blendexp.data.format import COMPONENT_NAMES, EXP_DIM, EYELIDS, JAW, check_vector
+from blendexp.flame import EXP_DIM, MAPPED_COMPONENTS, check_vector
 
 RGB = tuple[float, float, float]
 RGB_FIELDS = ("skin", "hair", "eye", "lip", "glasses_rgb", "shirt")
 INT_FIELDS = ("hair_style", "glasses")
 HAIR_STYLES = ("short", "long", "bald", "fringe", "curly")
-
-
-@dataclass(frozen=True)
-class ComponentInfo:
-    """What one mapped FLAME index does in the toy world, so tests and metrics can target it."""
-
-    name: str
-    low: float
-    high: float
-    region: str  # key of region_masks() that contains every pixel this component changes
-    meaning: str
-
-
-def _exp(i: int) -> int:
-    """Index of expression coefficient ``exp.i`` in the 55-d vector (checked against format.py)."""
-    return COMPONENT_NAMES.index(f"exp.{i}")
-
-
-_C = ComponentInfo
-MAPPED_COMPONENTS: dict[int, ComponentInfo] = {  # index into the 55-d vector -> what it does (table above)
-    _exp(0): _C("smile_left", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's left mouth corner"),
-    _exp(1): _C("smile_right", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's right mouth corner"),
-    _exp(2): _C("brow_left", -3.0, 3.0, "left_brow", "+ raises, - lowers the subject's left brow"),
-    _exp(3): _C("brow_right", -3.0, 3.0, "right_brow", "+ raises, - lowers the subject's right brow"),
-    _exp(4): _C("brow_furrow", 0.0, 3.0, "brows", "pulls the inner brows down and together"),
-    _exp(5): _C("lip_pucker", -3.0, 3.0, "mouth", "+ narrow full lips (pucker), - wide thin lips (stretch)"),
-    _exp(6): _C("nose_wrinkle", 0.0, 3.0, "nose", "flares and lifts the nostrils, creases the bridge"),
-    _exp(7): _C("cheek_puff", 0.0, 3.0, "cheeks", "widens and brightens the cheeks"),
-    EYELIDS.start: _C("eyelid_left", 0.0, 1.0, "left_eye", "closes the subject's left eye (1 = shut)"),
-    EYELIDS.start + 1: _C("eyelid_right", 0.0, 1.0, "right_eye", "closes the subject's right eye (1 = shut)"),
-    JAW.start: _C("jaw_open", 0.0, 0.4, "jaw", "opens the mouth and drops the chin"),
-    JAW.start + 1: _C("jaw_sideways", -0.2, 0.2, "jaw", "+ moves the lower lip and chin to the image right"),
-    JAW.start + 2: _C("jaw_roll", -0.2, 0.2, "jaw", "+ tilts the lower jaw down on the image right"),
-}
 
 
 @dataclass(frozen=True)

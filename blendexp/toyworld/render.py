@@ -18,13 +18,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from blendexp.data.format import EXP_DIM, check_vector
+from blendexp.flame import EXP_DIM, MAPPED_COMPONENTS, ComponentInfo, check_vector
 from blendexp.toyworld.params import (
     HAIR_STYLES,
     IDENTITY_DIM,
-    MAPPED_COMPONENTS,
     RGB,
-    ComponentInfo,
     Identity,
     Nuisance,
     neutral_expression,

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from blendexp.data.format import ID_DIM, FaceSample, encode_sample, make_key
+from blendexp.data.format import FaceSample, encode_sample, make_key
+from blendexp.flame import ID_DIM
 from blendexp.toyworld.params import IDENTITY_DIM, Identity, sample_expression, sample_identity, sample_nuisance
 from blendexp.toyworld.render import render_face
 from blendexp.toyworld.video import make_clip

@@ -7,18 +7,25 @@ frames as ``<name>.mp4`` and the truth as ``<name>.npz`` next to it.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
 from dataclasses import dataclass, replace
-from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Mapping
 
-import av
 import numpy as np
 from PIL import Image
 
-from blendexp.data.format import EXP_DIM, EYELIDS
-from blendexp.toyworld.params import Identity, Nuisance, sample_expression, sample_nuisance
+from blendexp.flame import EXP_DIM, EYELIDS
+from blendexp.images import read_video, write_video
+from blendexp.toyworld.params import Identity, Nuisance, sample_expression, sample_identity, sample_nuisance
 from blendexp.toyworld.render import render_face
+
+log = logging.getLogger(__name__)
+INPUT_MTIME = 946684800  # 2000-01-01: fixed file times, so a re-render keeps the resume fingerprint of a build
 
 
 @dataclass
@@ -92,47 +99,6 @@ def render_stills(identity: Identity, rng: np.random.Generator, n: int, size: in
 
 
 @lru_cache(maxsize=1)
-def video_codec() -> str:
-    """H.264 when the bundled FFmpeg has libx264, else MPEG-4 part 2 (both decode everywhere)."""
-    try:
-        av.codec.Codec("libx264", "w")
-        return "libx264"
-    except Exception:  # noqa: BLE001 - PyAV raises different errors per version for a missing encoder
-        return "mpeg4"
-
-
-def write_video(
-    path: str | Path, frames: np.ndarray | list[Image.Image], fps: float, codec: str | None = None
-) -> Path:
-    """Encode (T, H, W, 3) uint8 RGB frames as an MP4 (yuv420p, high quality) and return its path."""
-    arr = np.stack([np.asarray(f, dtype=np.uint8) for f in frames])
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[1] % 2 or arr.shape[2] % 2:
-        raise ValueError(f"{path}: frames must be (T, H, W, 3) with even H and W, got {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    codec = codec or video_codec()
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "16", "preset": "fast"}
-        else:
-            stream.bit_rate = max(1_000_000, int(16 * arr.shape[1] * arr.shape[2] * fps))
-        for frame in arr:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def read_video(path: str | Path) -> np.ndarray:
-    """Decode every frame of a video file to (T, H, W, 3) uint8 RGB."""
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{path}: no video frames could be decoded")
-    return np.stack(frames)
-
-
 def write_clip(clip: Clip, out_dir: str | Path, name: str) -> Path:
     """Write ``<name>.mp4`` plus ``<name>.npz`` (identity, expressions, nuisances, fps); return the MP4 path."""
     video = write_video(Path(out_dir) / f"{name}.mp4", clip.frames, clip.fps)
@@ -158,3 +124,36 @@ def read_clip(video_path: str | Path) -> Clip:
     if len(frames) != len(expressions):
         raise ValueError(f"{video_path}: {len(frames)} frames decoded but {len(expressions)} expressions stored")
     return Clip(identity, frames, expressions, nuisances, fps)
+
+
+def render_builder_inputs(out: str, seed: int, size: int, nuisance: float, stills: Mapping[str, Any],
+                          videos: Mapping[str, Any], val: Mapping[str, Any]) -> Path:
+    """Render toy-world stills (PNG) and clips (MP4 + ground-truth .npz) as inputs of ``python -m blendexp.data.build
+    data/build=toy`` (its ``toy._target_``); skipped when ``out`` already holds this very set."""
+    parts = {"stills": stills, "videos": videos, "val": val}
+    spec = json.dumps({"out": out, "seed": seed, "size": size, "nuisance": nuisance, **parts}, sort_keys=True)
+    root, marker = Path(out), Path(out) / ".complete"
+    if marker.exists() and marker.read_text() == spec:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    subject = 0
+    for split, part in parts.items():
+        for _ in range(int(part["subjects"])):
+            rng = np.random.default_rng([int(seed), subject])
+            identity, folder = sample_identity(rng), root / split / f"s{subject:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if split == "videos":
+                for c in range(int(part["clips"])):
+                    clip = make_clip(identity, rng, int(part["frames"]), int(size), float(part["fps"]),
+                                     nuisance_strength=float(nuisance))
+                    write_clip(clip, folder, f"c{c:02d}")
+            else:
+                for i, (image, _) in enumerate(render_stills(identity, rng, int(part["per_subject"]), int(size),
+                                                             nuisance_strength=float(nuisance))):
+                    image.save(folder / f"{i:03d}.png")
+            subject += 1
+    for path in root.rglob("*"):
+        os.utime(path, (INPUT_MTIME, INPUT_MTIME))
+    marker.write_text(spec)
+    log.info("toy-world inputs rendered to %s", root)
+    return root

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 from skimage.data import astronaut
 
 from blendexp.config import CONF_DIR
-from blendexp.data.build import ensure_tiny_annotators
-from blendexp.data.format import EXP_DIM, ID_DIM, FaceSample, encode_sample, make_key
+from blendexp.data.format import FaceSample, encode_sample, make_key
+from blendexp.faces.annotators import ensure_tiny_annotators
+from blendexp.flame import EXP_DIM, ID_DIM
 from blendexp.toyworld.params import sample_identity
 from blendexp.toyworld.video import make_clip, write_clip
 
@@ -39,7 +40,7 @@ def single_torch_thread() -> Iterator[None]:
 def annotators(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a tiny random ArcFace ONNX and SMIRK checkpoint in the official formats."""
     folder = tmp_path_factory.mktemp("annotators")
-    ensure_tiny_annotators(folder)
+    ensure_tiny_annotators(folder, facenet=False)
     return folder
 
 

@@ -14,14 +14,15 @@ from skimage.data import astronaut
 
 from blendexp.data.annotate import choose_face
 from blendexp.data.build import brace_form, build
-from blendexp.data.inputs import list_inputs
 from blendexp.data.datamodule import read_tars
-from blendexp.data.format import EXP_DIM, ID_DIM, FaceSample, decode_sample
+from blendexp.data.format import FaceSample, decode_sample
+from blendexp.data.inputs import list_inputs
 from blendexp.faces.align import align_ffhq, arcface_crop
 from blendexp.faces.detect import Face, MTCNNDetector
 from blendexp.faces.expression import load_smirk, prepare_smirk_input
 from blendexp.faces.identity import ArcFaceONNX
-from blendexp.toyworld.video import write_video
+from blendexp.flame import EXP_DIM, ID_DIM
+from blendexp.images import write_video
 from tests.conftest import run_cli
 from tests.data.conftest import INSIGHTFACE_IMAGES, build_config
 

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from blendexp.data.datamodule import FaceDataModule
-from blendexp.data.format import ID_DIM, NORM_TOLERANCE
-from blendexp.eval.inputs import read_images
+from blendexp.data.format import NORM_TOLERANCE
+from blendexp.data.image_sets import read_images
+from blendexp.flame import ID_DIM
 from tests.conftest import run_cli
 from tests.data.conftest import face_sample, members_of, write_tar
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blendexp.data.datamodule import FaceDataModule, FaceStream
-from blendexp.data.format import EXP_DIM
+from blendexp.flame import EXP_DIM
 from tests.data.conftest import face_sample, members_of, write_tar
 
 SIZE = 16

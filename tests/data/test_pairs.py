@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from blendexp.config import CONF_DIR
 from blendexp.data.build import build
 from blendexp.data.datamodule import FaceDataModule
-from blendexp.data.format import EXP_DIM, FaceSample
+from blendexp.data.format import FaceSample
 from blendexp.data.pairs import PairConfig, PairSampler
+from blendexp.flame import EXP_DIM
 from tests.conftest import REPO
 from tests.data.conftest import face_sample, members_of, write_tar
 

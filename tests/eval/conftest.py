@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from blendexp.config import CONF_DIR  # also registers the ${blendexp.*} resolvers
-from blendexp.eval.annotators import Annotators, build_annotators, ensure_tiny_annotators
+from blendexp.faces.annotators import Annotators, build_annotators, ensure_tiny_annotators
 from tests.faces.conftest import single_torch_thread  # noqa: F401  (autouse: one torch thread for these tests too)
 
 

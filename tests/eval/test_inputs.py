@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blendexp.eval.inputs import Skipped, check_input, flame_files, read_flame_file, read_images
+from blendexp.data.image_sets import Skipped, read_images
+from blendexp.eval.inputs import check_input, flame_files, flame_targets
+from blendexp.flame import read_flame_file
 from tests.conftest import REPO
 
 SAMPLE = REPO / "data" / "sample" / "val-000000.tar"
@@ -23,7 +25,7 @@ def test_flame_files_in_every_accepted_form(tmp_path: Path) -> None:
     (tmp_path / "list.json").write_text(json.dumps([vec.tolist()]))
     files = flame_files(tmp_path)
     assert files is not None
-    targets = {t.name: t for f in files for t in read_flame_file(f)}
+    targets = {t.name: t for f in files for t in flame_targets(f)}
     assert sorted(targets) == ["clip-0", "clip-1", "list-0", "named-open-mouth", "smile"]
     np.testing.assert_array_equal(targets["clip-1"].exp, -vec)
     assert targets["smile"].image is None and targets["smile"].origin == str(tmp_path / "smile.npy")

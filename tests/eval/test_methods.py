@@ -10,14 +10,14 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from blendexp.eval.methods import ExpressionAdapterMethod, FolderMethod, build_method, resolve_adapter
+from blendexp.eval.methods import ExpressionAdapterMethod, FolderMethod, build_method
 from blendexp.models.expression_adapter import (
     attach_expression_adapter,
     expression_adapter_state_dict,
     load_expression_adapter,
     save_expression_adapter,
 )
-
+from blendexp.models.resolve import resolve_adapter
 
 SCALES = {"exp": 1.0, "eyelid": 3.0, "jaw": 10.0}
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from blendexp.data.format import EXP_DIM, EYELIDS, JAW
-from blendexp.eval.annotators import Annotators
+from blendexp.data.image_sets import read_images
 from blendexp.eval.features import FID_WEIGHTS_URL, FIDInceptionV3, PixelFeatures, image_features, load_fid_inception
-from blendexp.eval.inputs import read_images
 from blendexp.eval.metrics import border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
+from blendexp.faces.annotators import Annotators
+from blendexp.flame import EXP_DIM, EYELIDS, JAW
 from tests.conftest import REPO
 
 SAMPLE = REPO / "data" / "sample" / "val-000000.tar"

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from blendexp.data.format import EXP_DIM, EYELIDS, JAW
 from blendexp.faces.detect import Face, MTCNNDetector
 from blendexp.faces.expression import (
     SMIRK_PREFIX,
@@ -18,6 +17,7 @@ from blendexp.faces.expression import (
     prepare_smirk_input,
     save_smirk_checkpoint,
 )
+from blendexp.flame import EXP_DIM, EYELIDS, JAW
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def pipe(tiny_base, exp_adapter: Path, tiny_annotators: Path) -> ExpressionPipel
 @pytest.fixture(scope="session")
 def face_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy face of the shipped sample shards as a PNG photo (FFHQ-aligned, 64 px)."""
-    from blendexp.eval.inputs import read_images
+    from blendexp.data.image_sets import read_images
 
     path = tmp_path_factory.mktemp("faces") / "toy_face.png"
     Image.fromarray(read_images(SAMPLE_SHARD, "face", [], limit=1)[0].image).save(path)

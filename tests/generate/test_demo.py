@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blendexp.expressions import main_components, preset
-from blendexp.data.format import component_index
+from blendexp.flame import component_index, main_components, preset
 from tests.conftest import REPO
 from tests.generate.conftest import overrides
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blendexp.data.format import EXP_DIM, component_index
-from blendexp.expressions import (
+from blendexp.flame import (
+    EXP_DIM,
+    MAPPED_COMPONENTS,
     apply_edits,
+    component_index,
     component_range,
     describe,
     interpolate,
@@ -19,7 +21,6 @@ from blendexp.expressions import (
     parse_expression,
     preset,
 )
-from blendexp.toyworld.params import MAPPED_COMPONENTS
 
 
 def test_presets_cover_the_basic_emotions_within_the_toy_worlds_ranges() -> None:

@@ -12,7 +12,7 @@ from PIL import Image, ImageSequence
 
 from blendexp.errors import run_entry
 from blendexp.generate import generate
-from blendexp.toyworld.video import read_video
+from blendexp.images import read_video
 from tests.conftest import run_cli
 from tests.generate.conftest import compose_config, overrides
 

@@ -12,7 +12,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet
 from skimage.data import astronaut
 from PIL import Image
 
-from blendexp.expressions import preset
+from blendexp.flame import preset
 from blendexp.models.arc2face import Arc2FaceTextEncoder, id_prompt_embeds
 from blendexp.models.expression_adapter import expression_embeds
 from blendexp.pipeline import ExpressionPipeline

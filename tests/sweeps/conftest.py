@@ -38,7 +38,7 @@ def slurm() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def annotators(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random annotators for evaluate_after, written once (jobs running in parallel must not race to)."""
-    from blendexp.eval.annotators import ensure_tiny_annotators
+    from blendexp.faces.annotators import ensure_tiny_annotators
 
     root = tmp_path_factory.mktemp("tiny-annotators")
     ensure_tiny_annotators(root)

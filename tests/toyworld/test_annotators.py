@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from blendexp.eval.annotators import AlignedFaces
 from blendexp.faces.align import arcface_crop
+from blendexp.faces.annotators import AlignedFaces
 from blendexp.faces.expression import SmirkExpressionEncoder, prepare_smirk_input
 from blendexp.faces.identity import ArcFaceONNX, export_arcface_onnx
 from blendexp.toyworld.annotators import (

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from blendexp.data.format import COMPONENT_NAMES, EXP_DIM, EXPRESSION
+from blendexp.flame import COMPONENT_NAMES, EXP_DIM, EXPRESSION
 from blendexp.toyworld.render import (
     IDENTITY_DIM,
     MAPPED_COMPONENTS,

@@ -7,19 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blendexp.data.format import EXP_DIM, EYELIDS
+from blendexp.flame import EXP_DIM, EYELIDS
+from blendexp.images import read_video, video_codec, write_video
 from blendexp.toyworld.render import sample_identity
-from blendexp.toyworld.video import (
-    Clip,
-    expression_track,
-    make_clip,
-    read_clip,
-    read_video,
-    render_stills,
-    video_codec,
-    write_clip,
-    write_video,
-)
+from blendexp.toyworld.video import Clip, expression_track, make_clip, read_clip, render_stills, write_clip
 
 
 @pytest.fixture(scope="module")

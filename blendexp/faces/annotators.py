@@ -1,4 +1,4 @@
-"""The measuring instruments of the evaluation: face detector, ArcFace, a second recogniser and SMIRK.
+"""The measuring instruments of the evaluation and the pipeline: face detector, ArcFace, a second recogniser, SMIRK.
 
 ``Annotators.read`` turns a batch of images into what every metric needs: whether a face was found, its ArcFace
 (and facenet) embedding and its SMIRK FLAME vector. With ``tiny_root`` set, random annotators are written there
@@ -16,12 +16,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from blendexp.data.format import EXP_DIM, ID_DIM
 from blendexp.faces.align import arcface_crop
 from blendexp.faces.detect import Face, FaceDetector, build_detector, ensure_rgb, largest_face
-from blendexp.faces.expression import SmirkAnnotator, load_smirk
-from blendexp.faces.identity import IdentityEncoder, build_identity_encoder
+from blendexp.faces.expression import SmirkAnnotator, SmirkExpressionEncoder, load_smirk, save_smirk_checkpoint
+from blendexp.faces.identity import IdentityEncoder, build_identity_encoder, export_arcface_onnx
+from blendexp.flame import EXP_DIM, ID_DIM
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +46,30 @@ class AlignedFaces:
         return [Face(bbox=FFHQ_BOX * np.tile(scale, 2), score=1.0, landmarks5=FFHQ_LANDMARKS * scale)]
 
 
-def ensure_tiny_annotators(root: str | Path) -> dict[str, Path]:
-    """The builder's tiny ArcFace ONNX and SMIRK checkpoint (so tiny shards and tiny scores share one recogniser)
-    plus a random facenet state dict, each written once (atomically) in its official format."""
-    from facenet_pytorch import InceptionResnetV1
-
-    from blendexp.data.build import ensure_tiny_annotators as ensure_builder_annotators
-
-    arcface, smirk = ensure_builder_annotators(root)
-    facenet = Path(root) / TINY_FACENET
-    if not facenet.exists():
-        log.info("writing a tiny random facenet to %s (plumbing checks only: its scores mean nothing)", facenet)
+def ensure_tiny_annotators(root: str | Path, facenet: bool = True) -> dict[str, Path]:
+    """A random ArcFace ONNX and SMIRK checkpoint (the builder's: tiny shards and tiny scores share one recogniser)
+    and, with ``facenet``, a random facenet state dict, each written once (atomically) in its official format."""
+    arcface, smirk = Path(root) / "antelopev2" / "arcface.onnx", Path(root) / "smirk" / "SMIRK_em1.pt"
+    if not arcface.exists():
         torch.manual_seed(0)
-        facenet.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(InceptionResnetV1(pretrained=None, classify=False).state_dict(), facenet.with_suffix(".tmp"))
-        os.replace(facenet.with_suffix(".tmp"), facenet)
-    return {"arcface": arcface, "facenet": facenet, "smirk": smirk}
+        net = nn.Sequential(nn.Conv2d(3, 16, 5, stride=4), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, ID_DIM))
+        os.replace(export_arcface_onnx(net, arcface.with_name("arcface.tmp.onnx")), arcface)
+    if not smirk.exists():
+        torch.manual_seed(0)
+        os.replace(save_smirk_checkpoint(SmirkExpressionEncoder(), smirk.with_suffix(".tmp")), smirk)
+    if not facenet:
+        return {"arcface": arcface, "smirk": smirk}
+    weights = Path(root) / TINY_FACENET
+    if not weights.exists():
+        from facenet_pytorch import InceptionResnetV1  # 100 MB of imports the ArcFace/SMIRK pair does not need
+
+        log.info("writing a tiny random facenet to %s (plumbing checks only: its scores mean nothing)", weights)
+        torch.manual_seed(0)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(InceptionResnetV1(pretrained=None, classify=False).state_dict(), weights.with_suffix(".tmp"))
+        os.replace(weights.with_suffix(".tmp"), weights)
+    return {"arcface": arcface, "facenet": weights, "smirk": smirk}
 
 
 @dataclass

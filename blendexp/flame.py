@@ -1,12 +1,17 @@
-"""Expressions as 55-d FLAME vectors: named presets, per-component edits, keyframe interpolation, and parsing what a
-user typed (a preset name, a FLAME ``.npy``/``.json`` file, a driving image) into vectors — without loading a model.
+"""The 55-d FLAME vector in one place: its layout (50 expression, 2 eyelid, 3 jaw, as SMIRK outputs it), the
+components the embedded default draws, named presets, per-component edits, keyframe interpolation, FLAME files, and
+parsing what a user typed (a preset name, a FLAME ``.npy``/``.json`` file, a driving image) — without loading a model.
 
 Presets live in ``blendexp/presets.yaml`` (one file; its header says how the values relate to the toy world and to
-real SMIRK/FLAME). Edits name components as ``blendexp/data/format.py`` does: ``exp.3``, ``eyelid.1``, ``jaw.0``.
+real SMIRK/FLAME). Components are named ``exp.3``, ``eyelid.1``, ``jaw.0``. The lowest layer: the shard contract
+(``data/format.py``), the models, the annotators and the toy world all take the layout from here.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -14,14 +19,76 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import yaml
 
-from blendexp.data.format import COMPONENT_NAMES, EXP_DIM, check_vector, component_index
-from blendexp.eval.inputs import FLAME_EXTS, IMAGE_EXTS, read_flame_file, safe_name
-from blendexp.toyworld.params import MAPPED_COMPONENTS
+from blendexp.images import IMAGE_EXTS
 
+ID_DIM = 512  # the ArcFace identity embedding every FLAME vector is paired with
+EXP_DIM = 55
+N_EXPRESSION, N_EYELID, N_JAW = 50, 2, 3
+EXPRESSION = slice(0, N_EXPRESSION)
+EYELIDS = slice(N_EXPRESSION, N_EXPRESSION + N_EYELID)
+JAW = slice(N_EXPRESSION + N_EYELID, EXP_DIM)
+GROUPS: dict[str, slice] = {"exp": EXPRESSION, "eyelid": EYELIDS, "jaw": JAW}
+COMPONENT_NAMES: tuple[str, ...] = tuple(
+    [f"exp.{i}" for i in range(N_EXPRESSION)]
+    + [f"eyelid.{i}" for i in range(N_EYELID)]
+    + [f"jaw.{i}" for i in range(N_JAW)]
+)
+FLAME_EXTS = (".npy", ".json")
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 EASINGS = ("linear", "smooth")
 # Sweep range of components the toy world does not draw (FLAME expression coefficients are roughly unit-variance).
 UNMAPPED_RANGE = (-3.0, 3.0)
+
+
+def component_index(name: str) -> int:
+    """Index of a FLAME component given as ``exp.3``, ``eyelid.1`` or ``jaw.0`` (used by CLI edits)."""
+    if name not in COMPONENT_NAMES:
+        raise KeyError(f"unknown FLAME component {name!r}; expected exp.0..exp.49, eyelid.0..1 or jaw.0..2")
+    return COMPONENT_NAMES.index(name)
+
+
+def check_vector(vec: Any, dim: int, what: str, origin: str = "") -> np.ndarray:
+    """Return ``vec`` as float32 of shape (dim,), or raise naming where it came from and the expected size."""
+    arr = np.asarray(vec, dtype=np.float32).reshape(-1)
+    if arr.shape != (dim,):
+        where = f" in {origin}" if origin else ""
+        raise ValueError(f"{what}{where} has {arr.size} values; {dim} values are expected")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what}{origin and ' in ' + origin} contains NaN or Inf")
+    return arr
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """What one mapped FLAME index does in the toy world, so tests and metrics can target it."""
+
+    name: str
+    low: float
+    high: float
+    region: str  # key of the toy renderer's region_masks() that contains every pixel this component changes
+    meaning: str
+
+
+_C = ComponentInfo
+# The components the embedded default (the toy world, blendexp/toyworld/params.py) draws, with SMIRK's ranges: the
+# demo's sliders and the controllability sweeps. The meanings are the toy world's own, not FLAME's PCA semantics.
+MAPPED_COMPONENTS: dict[int, ComponentInfo] = {
+    component_index("exp.0"): _C("smile_left", -3.0, 3.0, "mouth", "+ lifts, - drops the subject's left mouth corner"),
+    component_index("exp.1"): _C("smile_right", -3.0, 3.0, "mouth",
+                                 "+ lifts, - drops the subject's right mouth corner"),
+    component_index("exp.2"): _C("brow_left", -3.0, 3.0, "left_brow", "+ raises, - lowers the subject's left brow"),
+    component_index("exp.3"): _C("brow_right", -3.0, 3.0, "right_brow", "+ raises, - lowers the subject's right brow"),
+    component_index("exp.4"): _C("brow_furrow", 0.0, 3.0, "brows", "pulls the inner brows down and together"),
+    component_index("exp.5"): _C("lip_pucker", -3.0, 3.0, "mouth",
+                                 "+ narrow full lips (pucker), - wide thin lips (stretch)"),
+    component_index("exp.6"): _C("nose_wrinkle", 0.0, 3.0, "nose", "flares and lifts the nostrils, creases the bridge"),
+    component_index("exp.7"): _C("cheek_puff", 0.0, 3.0, "cheeks", "widens and brightens the cheeks"),
+    EYELIDS.start: _C("eyelid_left", 0.0, 1.0, "left_eye", "closes the subject's left eye (1 = shut)"),
+    EYELIDS.start + 1: _C("eyelid_right", 0.0, 1.0, "right_eye", "closes the subject's right eye (1 = shut)"),
+    JAW.start: _C("jaw_open", 0.0, 0.4, "jaw", "opens the mouth and drops the chin"),
+    JAW.start + 1: _C("jaw_sideways", -0.2, 0.2, "jaw", "+ moves the lower lip and chin to the image right"),
+    JAW.start + 2: _C("jaw_roll", -0.2, 0.2, "jaw", "+ tilts the lower jaw down on the image right"),
+}
 
 NamedExpression = tuple[str, np.ndarray]  # (file-system-safe name, (55,) float32)
 
@@ -121,6 +188,44 @@ def interpolate(keyframes: np.ndarray | Sequence[np.ndarray], frames: int, ease:
     return ((1.0 - u) * keys[seg] + u * keys[seg + 1]).astype(np.float32)
 
 
+def safe_name(text: str) -> str:
+    """A name usable as one path component on every file system (cached generations are stored under it)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    if not name:
+        raise ValueError(f"cannot make a file name from {text!r}")
+    return name
+
+
+def _flame_rows(data: Any, path: Path) -> list[tuple[str, Any]]:
+    """(suffix, vector) pairs of a FLAME file's content; a single vector gets no suffix."""
+    if isinstance(data, dict):
+        data = data.get("exp", data)
+    if isinstance(data, dict):
+        return [(str(k), v) for k, v in data.items()]
+    try:
+        arr = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"FLAME file {path} does not hold numbers of shape ({EXP_DIM},) or (K, {EXP_DIM}): {err}") from err
+    if arr.ndim == 1:
+        return [("", arr)]
+    if arr.ndim == 2:
+        return [(str(i), row) for i, row in enumerate(arr)]
+    raise ValueError(f"FLAME file {path} holds an array of shape {arr.shape}; expected ({EXP_DIM},) or (K, {EXP_DIM})")
+
+
+def read_flame_file(path: str | Path) -> list[NamedExpression]:
+    """Named vectors of one ``.npy`` / ``.json`` FLAME file: ``(55,)``, ``(K, 55)``, a list of such lists or
+    ``{name: [55 numbers]}``; a vector of the wrong length fails naming the file."""
+    path = Path(path)
+    try:
+        data: Any = np.load(path, allow_pickle=False) if path.suffix == ".npy" else json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"cannot read FLAME file {path}: {err}") from err
+    return [(safe_name(f"{path.stem}-{suffix}" if suffix else path.stem),
+             check_vector(vec, EXP_DIM, "FLAME vector", f"{path}{f' [{suffix}]' if suffix else ''}"))
+            for suffix, vec in _flame_rows(data, path)]
+
+
 def parse_expression(spec: Any, from_image: Callable[[Path], np.ndarray] | None = None) -> list[NamedExpression]:
     """What a user gave as an expression → named (55,) vectors.
 
@@ -137,7 +242,7 @@ def parse_expression(spec: Any, from_image: Callable[[Path], np.ndarray] | None 
     if path.suffix.lower() in FLAME_EXTS:
         if not path.is_file():
             raise FileNotFoundError(f"FLAME file not found: {path}")
-        return [(t.name, t.exp) for t in read_flame_file(path)]
+        return read_flame_file(path)
     if path.suffix.lower() in IMAGE_EXTS:
         if not path.is_file():
             raise FileNotFoundError(f"driving image not found: {path}")
