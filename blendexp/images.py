@@ -4,6 +4,7 @@ tiling, tensor-to-uint8 conversion, reading image files and writing/reading MP4s
 from __future__ import annotations
 
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ def load_image(path: str | Path, what: str = "image") -> np.ndarray:
                          f"photo") from None
 
 
+@lru_cache(maxsize=1)
 def video_codec() -> str:
     """H.264 when the bundled FFmpeg has libx264, else MPEG-4 part 2 (both decode everywhere)."""
     try:

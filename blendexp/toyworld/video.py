@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -98,7 +97,6 @@ def render_stills(identity: Identity, rng: np.random.Generator, n: int, size: in
     return out
 
 
-@lru_cache(maxsize=1)
 def write_clip(clip: Clip, out_dir: str | Path, name: str) -> Path:
     """Write ``<name>.mp4`` plus ``<name>.npz`` (identity, expressions, nuisances, fps); return the MP4 path."""
     video = write_video(Path(out_dir) / f"{name}.mp4", clip.frames, clip.fps)
