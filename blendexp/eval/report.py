@@ -21,10 +21,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from blendexp.eval.metrics import METRICS, Estimate  # noqa: E402
 from blendexp.eval.suite import SuiteResult  # noqa: E402
 from blendexp.flame import COMPONENT_NAMES, N_EXPRESSION, N_EYELID  # noqa: E402
-from blendexp.images import (
-    image_grid,  # noqa: E402
-    load_image,  # noqa: E402
-)
+from blendexp.images import image_grid, load_image  # noqa: E402
 
 log = logging.getLogger(__name__)
 
