@@ -3,15 +3,15 @@ generate CLI, the demo, the controllability sweep and the notebooks.
 
 It holds a plain diffusers ``StableDiffusionPipeline`` (``.pipe``) with the Expression Adapter attached by diffusers'
 own ``load_ip_adapter`` and, when asked for, the Reference Adapter's LoRA ``ref`` (``load_lora_weights``) plus its
-reference UNet; schedulers, ``set_ip_adapter_scale``, offloading and the like work on ``.pipe`` directly. The
-annotators (face detector, ArcFace, SMIRK) are built on first use, so generating from embeddings and FLAME vectors
-never loads them. Row ``e * num_images + k`` of a call shows expression ``e`` with seed ``seed + k``: every
-expression starts from the same noise, so grids compare like with like and transitions stay temporally consistent.
+reference UNet, found and attached by ``blendexp/models/adapters.py`` as the evaluation's methods are; schedulers,
+``set_ip_adapter_scale``, offloading and the like work on ``.pipe`` directly. The annotators (face detector, ArcFace,
+SMIRK) are built on first use, so generating from embeddings and FLAME vectors never loads them. Row
+``e * num_images + k`` of a call shows expression ``e`` with seed ``seed + k``: every expression starts from the same
+noise, so grids compare like with like and transitions stay temporally consistent.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -33,18 +33,15 @@ from blendexp.flame import EXP_DIM, ID_DIM, NamedExpression, check_vector, inter
 from blendexp.flame import negative_expression as negative_expression_vector
 from blendexp.images import load_image
 from blendexp.models.arc2face import SD15_HUB_ID, Arc2FaceBase, id_prompt_embeds
-from blendexp.models.expression_adapter import WEIGHT_NAME, expression_embeds
-from blendexp.models.reference_adapter import (
-    ADAPTER_NAME,
-    DEMO_LORA_SCALE,
-    LORA_WEIGHT_NAME,
-    add_reference_lora,
-    add_reference_reader,
-    generate_with_reference,
-    reference_unet,
-    save_reference_lora,
+from blendexp.models.adapters import (
+    DTYPES,
+    adapter_pipeline,
+    find_expression_adapter,
+    resolve_reference_lora,
+    untrained_reference_lora,
 )
-from blendexp.models.resolve import DTYPES, resolve_adapter
+from blendexp.models.expression_adapter import expression_embeds
+from blendexp.models.reference_adapter import DEMO_LORA_SCALE, LORA_WEIGHT_NAME, generate_with_reference
 from blendexp.models.tiny import ensure_tiny_base
 from blendexp.ranges import check_sampling
 
@@ -91,41 +88,9 @@ def _reference_lora(spec: Any, models_dir: Path, unet: UNet2DConditionModel, wor
             return official, str(official)
         log.warning("no Reference Adapter in %s: using an untrained LoRA — a plumbing check, not a result",
                     official.parent)
-        scratch = copy.deepcopy(unet)
-        torch.manual_seed(seed)
-        add_reference_lora(scratch)
-        return save_reference_lora(scratch, workdir / "untrained_ref_adapter"), f"untrained (seed {seed})"
-    path = Path(spec)
-    if (path / "export" / LORA_WEIGHT_NAME).is_file():  # a training run folder
-        path = path / "export"
-    if not (path.is_file() or (path / LORA_WEIGHT_NAME).is_file()):
-        raise FileNotFoundError(f"reference adapter not found at {path}; give a {LORA_WEIGHT_NAME} file, a folder "
-                                f"holding one (e.g. <models>/ref_adapter) or a ref_adapter training run folder")
+        return untrained_reference_lora(unet, workdir, seed), f"untrained (seed {seed})"
+    path = resolve_reference_lora(spec)
     return path, str(path)
-
-
-def _expression_adapter(spec: Any, models_dir: Path, ref: Path | None, unet: UNet2DConditionModel, workdir: Path,
-                        seed: int) -> tuple[Path, str]:
-    """(adapter path, label): the given one, else the one trained with the LoRA, ``<models>/exp_adapter``, or a
-    fresh untrained adapter (seeded) — the embedded default."""
-    if spec is not None:
-        path = resolve_adapter(str(spec), unet, workdir, seed)
-        return path, str(spec)
-    for folder in ([ref if ref.is_dir() else ref.parent] if ref else []) + [models_dir / "exp_adapter"]:
-        try:
-            path = resolve_adapter(str(folder), unet, workdir, seed)
-        except FileNotFoundError:
-            continue
-        return path, str(path)
-    return resolve_adapter(None, unet, workdir, seed), f"untrained (seed {seed})"
-
-
-def load_ip_adapter(pipe: StableDiffusionPipeline, path: Path) -> None:
-    """Attach an Expression Adapter file (or a folder holding ``exp_adapter.*``) with diffusers' own loader."""
-    if path.is_dir():
-        path = next(path / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin")
-                    if (path / f"{WEIGHT_NAME}.{ext}").is_file())
-    pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
 
 
 def _chunks(n: int, size: int) -> list[range]:
@@ -175,13 +140,9 @@ class ExpressionPipeline:
         base = Arc2FaceBase.from_pretrained(str(models_dir), str(sd15), dtype=torch_dtype)
         with tempfile.TemporaryDirectory() as tmp:
             ref, ref_label = _reference_lora(reference_adapter, models, base.unet, Path(tmp), seed)
-            ref_unet = reference_unet(base.unet) if ref else None  # a copy of the plain base, before any adapter
-            exp, exp_label = _expression_adapter(expression_adapter, models, ref, base.unet, Path(tmp), seed)
-            pipe = base.pipeline(make_scheduler(scheduler, base.scheduler.config))
-            load_ip_adapter(pipe, exp)
-            if ref is not None:
-                pipe.load_lora_weights(str(ref), adapter_name=ADAPTER_NAME)
-                add_reference_reader(pipe.unet)  # after load_ip_adapter, which resets every processor
+            exp, exp_label = find_expression_adapter(expression_adapter, ref, [models / "exp_adapter"], base.unet,
+                                                     Path(tmp), seed)
+            pipe, ref_unet = adapter_pipeline(base, make_scheduler(scheduler, base.scheduler.config), exp, ref)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         if ref_unet is not None:

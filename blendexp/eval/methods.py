@@ -9,7 +9,6 @@ same layout under ``<run>/generations/<method>``, so one run's generations can b
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,15 +22,16 @@ from PIL import Image
 from blendexp.flame import negative_expression
 from blendexp.images import IMAGE_EXTS
 from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
-from blendexp.models.expression_adapter import expression_embeds, load_expression_adapter
-from blendexp.models.reference_adapter import (
-    LORA_WEIGHT_NAME,
-    add_reference_lora,
-    generate_with_reference,
-    load_reference_pipeline,
-    save_reference_lora,
+from blendexp.models.adapters import (
+    DTYPES,
+    adapter_pipeline,
+    find_expression_adapter,
+    resolve_adapter,
+    resolve_reference_lora,
+    untrained_reference_lora,
 )
-from blendexp.models.resolve import DTYPES, has_adapter, resolve_adapter
+from blendexp.models.expression_adapter import expression_embeds
+from blendexp.models.reference_adapter import generate_with_reference
 from blendexp.models.tiny import ensure_tiny_base
 from blendexp.ranges import check_sampling
 
@@ -139,10 +139,10 @@ class ExpressionAdapterMethod(Arc2FaceMethod):
     kind: ClassVar[str] = "expr_adapter"
 
     def build(self, base: Arc2FaceBase, workdir: Path) -> None:
-        """Load the adapter through the official loader onto the base UNet."""
+        """The adapter attached by diffusers' loader, as ``ExpressionPipeline`` does (``adapter_pipeline``)."""
         path = resolve_adapter(self.options.get("adapter"), base.unet, workdir, self.seed)
-        load_expression_adapter(base.unet, path, scale=float(self.options.get("scale", 1.0)))
-        super().build(base, workdir)
+        self.pipe, _ = adapter_pipeline(base, DPMSolverMultistepScheduler.from_config(base.scheduler.config), path)
+        self.pipe.set_ip_adapter_scale(float(self.options.get("scale", 1.0)))
 
     def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
         """Pass the FLAME vectors as IP-Adapter image embeddings."""
@@ -157,21 +157,16 @@ class ReferenceAdapterMethod(Arc2FaceMethod):
     ref_unet: UNet2DConditionModel | None = None
 
     def build(self, base: Arc2FaceBase, workdir: Path) -> None:
-        """The official demo's set-up (``load_reference_pipeline``) with this method's adapters."""
+        """The pipeline's set-up (``adapter_pipeline``, DPM-Solver) with this method's adapters."""
         ref = self.options.get("ref_adapter")
-        if ref is not None and (Path(ref) / "export" / LORA_WEIGHT_NAME).is_file():
-            ref = str(Path(ref) / "export")  # a training run folder
-        exp = self.options.get("exp_adapter")
-        if exp is None and ref is not None and Path(ref).is_dir() and has_adapter(Path(ref)):
-            exp = ref  # the Expression Adapter trained jointly with this LoRA
-        exp_path = resolve_adapter(exp, base.unet, workdir, self.seed)
-        if ref is None:
+        ref_path = None if ref is None else resolve_reference_lora(ref)
+        exp_path, _ = find_expression_adapter(self.options.get("exp_adapter"), ref_path, [], base.unet, workdir,
+                                              self.seed)
+        if ref_path is None:
             log.warning("no reference adapter configured: using an untrained LoRA — a plumbing check, not a result")
-            scratch = copy.deepcopy(base.unet)
-            torch.manual_seed(self.seed)
-            add_reference_lora(scratch, rank=int(self.options.get("lora_rank", 16)))
-            ref = str(save_reference_lora(scratch, workdir / "_weights" / "untrained_ref_adapter"))
-        self.pipe, self.ref_unet = load_reference_pipeline(base, ref, exp_path)
+            ref_path = untrained_reference_lora(base.unet, workdir, self.seed, int(self.options.get("lora_rank", 16)))
+        self.pipe, self.ref_unet = adapter_pipeline(base, DPMSolverMultistepScheduler.from_config(
+            base.scheduler.config), exp_path, ref_path)
         self.pipe.set_ip_adapter_scale(float(self.options.get("scale", 1.0)))
         self.ref_unet.to(self.device)
 

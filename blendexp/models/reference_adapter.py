@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from blendexp.models.arc2face import Arc2FaceBase
-from blendexp.models.expression_adapter import load_expression_adapter
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +215,6 @@ def save_reference_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME,
                                               unet_lora_adapter_metadata=metadata, safe_serialization=True)
     return Path(folder) / LORA_WEIGHT_NAME
-
-
-def load_reference_pipeline(base: Arc2FaceBase, ref_adapter: str | Path, exp_adapter: str | Path | None = None
-                            ) -> tuple[StableDiffusionPipeline, UNet2DConditionModel]:
-    """The official demo's set-up on ``base``: DPM-Solver pipeline, Expression Adapter, LoRA ``ref``, reference UNet."""
-    ref_unet = reference_unet(base.unet)
-    pipe = base.pipeline(DPMSolverMultistepScheduler.from_config(base.scheduler.config))
-    if exp_adapter is not None:
-        load_expression_adapter(pipe.unet, exp_adapter)
-    pipe.load_lora_weights(str(_lora_file(ref_adapter)), adapter_name=ADAPTER_NAME)
-    add_reference_reader(pipe.unet)
-    return pipe, ref_unet
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """The method registry: every accepted adapter form loads the same weights; bad method configs fail clearly; an
-Expression Adapter at scale 0 is Arc2Face alone, and the scale reaches the one expr_ref carries."""
+Expression Adapter at scale 0 is Arc2Face alone, and the scale reaches the one expr_ref carries; a method makes the
+pipeline's images."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from blendexp.eval.methods import ExpressionAdapterMethod, FolderMethod, build_method
+from blendexp.models.adapters import resolve_adapter
 from blendexp.models.expression_adapter import (
     attach_expression_adapter,
     expression_adapter_state_dict,
     load_expression_adapter,
     save_expression_adapter,
 )
-from blendexp.models.resolve import resolve_adapter
+from blendexp.pipeline import ExpressionPipeline
 
 SCALES = {"exp": 1.0, "eyelid": 3.0, "jaw": 10.0}
 
@@ -113,3 +115,26 @@ def test_expression_scale_zero_is_arc2face_alone(tmp_path: Path, tiny_base) -> N
                               ref_on)
     with pytest.raises(FileNotFoundError, match="FLAME file not found"):
         build_method("bad", {"kind": "expr_adapter", "negative_expression": str(tmp_path / "none.npy")}, base, gen)
+
+
+def test_a_method_makes_the_pipelines_images(tmp_path: Path, tiny_base) -> None:
+    """One generation path: the evaluation's expr_adapter and ``ExpressionPipeline`` attach the adapter the same way
+    (diffusers' loader, one resolver), so the same adapter, identity, expression, seed and scale give the same image."""
+    torch.manual_seed(1)
+    unet = _fresh(tiny_base)
+    attach_expression_adapter(unet, num_tokens=2, projection="mlp", mult=2)
+    save_expression_adapter(unet, tmp_path / "mlp")
+    rng = np.random.default_rng(0)
+    id_emb = rng.normal(size=(1, 512)).astype(np.float32)
+    id_emb /= np.linalg.norm(id_emb)
+    exp = rng.normal(size=(1, 55)).astype(np.float32)
+    base = {"models": str(tiny_base[0]), "sd15": str(tiny_base[1]), "tiny_root": None}
+    method = build_method("mlp", {"kind": "expr_adapter", "adapter": str(tmp_path / "mlp"), "scale": 0.7}, base,
+                          {"steps": 3, "guidance": 3.0, "size": 32, "dtype": "float32"})
+    method.load(tmp_path / "work")
+    image = method.generate(id_emb, exp, [np.zeros((32, 32, 3), np.uint8)], seeds=[3])[0]
+    pipe = ExpressionPipeline.from_pretrained(*tiny_base, expression_adapter=str(tmp_path / "mlp"))
+    same = pipe(id_emb[0], exp[0], seed=3, steps=3, guidance=3.0, size=32, expression_scale=0.7)[0]
+    np.testing.assert_array_equal(image, same)
+    other = pipe(id_emb[0], exp[0], seed=3, steps=3, guidance=3.0, size=32, expression_scale=0.0)[0]
+    assert not np.array_equal(image, other)  # the comparison sees the adapter

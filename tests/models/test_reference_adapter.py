@@ -11,6 +11,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from blendexp.models.adapters import adapter_pipeline
 from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
 from blendexp.models.expression_adapter import attach_expression_adapter, expression_embeds, save_expression_adapter
 from blendexp.models.reference_adapter import (
@@ -20,7 +21,6 @@ from blendexp.models.reference_adapter import (
     add_reference_reader,
     generate_with_reference,
     load_reference_lora,
-    load_reference_pipeline,
     record_reference,
     reference_lora_parameters,
     reference_unet,
@@ -176,8 +176,9 @@ def test_export_runs_in_plain_diffusers_reference_mode(tiny_base, tmp_path: Path
 
 def test_import_matches_training_unet_and_diffusers_loader(tiny_base, tmp_path: Path) -> None:
     trained, _ = trained_like(tiny_base, tmp_path / "models", rank=4, alpha=8)
-    pipe, _ = load_reference_pipeline(Arc2FaceBase.from_pretrained(*tiny_base), tmp_path / "models" / "ref_adapter",
-                                      tmp_path / "models" / "exp_adapter")
+    base = Arc2FaceBase.from_pretrained(*tiny_base)
+    pipe, _ = adapter_pipeline(base, DPMSolverMultistepScheduler.from_config(base.scheduler.config),
+                               tmp_path / "models" / "exp_adapter", tmp_path / "models" / "ref_adapter")
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     x, t, s = inputs(2)
     exp = {"added_cond_kwargs": {"image_embeds": [torch.randn(2, 1, 55)]}}

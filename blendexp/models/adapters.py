@@ -1,0 +1,151 @@
+"""Where adapters come from and how they are attached, in one place for the pipeline and the evaluation methods.
+
+An Expression Adapter is a training run folder (its ``export/``), an export folder, an ``exp_adapter`` file, a
+Lightning ``.ckpt`` (exported on the fly), or nothing (a fresh, seeded, untrained adapter: the embedded default's
+plumbing check); a Reference Adapter is a ``ref`` LoRA file, its folder or a run folder, or an untrained LoRA. Both
+are attached by diffusers' own loaders (``load_ip_adapter``, ``load_lora_weights``) onto a plain pipeline."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+
+from blendexp.checkpoints import load_weights_only
+from blendexp.flame import EXP_DIM
+from blendexp.models.arc2face import Arc2FaceBase
+from blendexp.models.expression_adapter import (
+    WEIGHT_NAME,
+    attach_expression_adapter,
+    fold_input_scale,
+    save_expression_adapter,
+)
+from blendexp.models.reference_adapter import (
+    ADAPTER_NAME,
+    LORA_WEIGHT_NAME,
+    add_reference_lora,
+    add_reference_reader,
+    reference_unet,
+    save_reference_lora,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def has_adapter(folder: Path) -> bool:
+    """True for a folder holding ``exp_adapter.safetensors`` or ``.bin``."""
+    return any((folder / f"{WEIGHT_NAME}.{ext}").is_file() for ext in ("safetensors", "bin"))
+
+
+def _checkpoint_state(path: Path, unet: UNet2DConditionModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes)."""
+    ckpt = load_weights_only(path)
+    state = {k.removeprefix("unet."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("unet.")}
+    state = fold_input_scale(state, (ckpt.get("hyper_parameters", {}).get("adapter") or {}).get("input_scale"))
+    proj, cross = "encoder_hid_proj.image_projection_layers.0.", unet.config.cross_attention_dim
+    if proj + "image_embeds.weight" in state:
+        return state, {"projection": "linear", "num_tokens": state[proj + "image_embeds.weight"].shape[0] // cross}
+    if proj + "ff.net.0.proj.weight" in state:
+        return state, {"projection": "mlp", "num_tokens": state[proj + "ff.net.2.weight"].shape[0] // cross,
+                       "mult": state[proj + "ff.net.0.proj.weight"].shape[0] // EXP_DIM}
+    raise ValueError(f"{path} holds no Expression Adapter weights; give an expr_adapter run folder, its export/ "
+                     f"folder, an exp_adapter file or that run's checkpoint")
+
+
+def export_checkpoint_adapter(path: Path, unet: UNet2DConditionModel, folder: Path) -> Path:
+    """Write the adapter of a Lightning checkpoint as ``exp_adapter.*`` so it loads through the official loader."""
+    scratch = copy.deepcopy(unet)
+    state, shape = _checkpoint_state(path, scratch)
+    attach_expression_adapter(scratch, **shape)
+    missing, unexpected = scratch.load_state_dict(state, strict=False)
+    absent = [k for k in missing if k.startswith("encoder_hid_proj") or "_ip." in k]
+    if absent or unexpected:
+        raise ValueError(f"{path} does not match this base's Expression Adapter: missing {absent[:3]}, "
+                         f"unexpected {unexpected[:3]}; was it trained on another base?")
+    save_expression_adapter(scratch, folder)
+    return folder
+
+
+def resolve_adapter(path: str | None, unet: UNet2DConditionModel, workdir: Path, seed: int) -> Path:
+    """An Expression Adapter file or folder that ``load_ip_adapter`` reads, from any accepted form:
+    a run folder (its ``export/``), an export folder, an adapter file, a ``.ckpt``, or None (a fresh, untrained one)."""
+    if path is None:
+        log.warning("no expression adapter configured: using a freshly initialised (untrained) one — a plumbing "
+                    "check, not a result")
+        scratch = copy.deepcopy(unet)
+        torch.manual_seed(seed)
+        attach_expression_adapter(scratch)
+        save_expression_adapter(scratch, workdir / "_weights" / "untrained_exp_adapter")
+        return workdir / "_weights" / "untrained_exp_adapter"
+    p = Path(path)
+    if p.is_file() and p.suffix == ".ckpt":
+        return export_checkpoint_adapter(p, unet, workdir / "_weights" / f"ckpt_{p.stem}")
+    if p.is_file() or (p.is_dir() and has_adapter(p)):
+        return p
+    if p.is_dir() and has_adapter(p / "export"):
+        return p / "export"
+    raise FileNotFoundError(f"expression adapter not found at {p}; give a training run folder, its export/ folder, "
+                            f"an {WEIGHT_NAME}.safetensors/.bin file (e.g. <models>/exp_adapter) or a .ckpt")
+
+
+def untrained_reference_lora(unet: UNet2DConditionModel, workdir: Path, seed: int, rank: int = 16) -> Path:
+    """A fresh ``ref`` LoRA (seeded) in diffusers' file format, when none is given: a plumbing check, not a result."""
+    scratch = copy.deepcopy(unet)
+    torch.manual_seed(seed)
+    add_reference_lora(scratch, rank=rank)
+    return save_reference_lora(scratch, workdir / "_weights" / "untrained_ref_adapter")
+
+
+def resolve_reference_lora(path: str | Path) -> Path:
+    """A ``ref`` LoRA file or the folder holding one, from a file, a folder or a ref_adapter training run folder."""
+    p = Path(path)
+    if (p / "export" / LORA_WEIGHT_NAME).is_file():  # a training run folder
+        p = p / "export"
+    if not (p.is_file() or (p / LORA_WEIGHT_NAME).is_file()):
+        raise FileNotFoundError(f"reference adapter not found at {p}; give a {LORA_WEIGHT_NAME} file, a folder "
+                                f"holding one (e.g. <models>/ref_adapter) or a ref_adapter training run folder")
+    return p
+
+
+def find_expression_adapter(spec: str | Path | None, ref: Path | None, fallbacks: list[Path],
+                            unet: UNet2DConditionModel, workdir: Path, seed: int) -> tuple[Path, str]:
+    """(adapter path, label): the given one, else the one trained with the ``ref`` LoRA (beside it), else the first
+    fallback folder holding one (``<models>/exp_adapter``), else a fresh untrained adapter (seeded)."""
+    if spec is not None:
+        return resolve_adapter(str(spec), unet, workdir, seed), str(spec)
+    for folder in ([ref if ref.is_dir() else ref.parent] if ref else []) + fallbacks:
+        try:
+            path = resolve_adapter(str(folder), unet, workdir, seed)
+        except FileNotFoundError:
+            continue
+        return path, str(path)
+    return resolve_adapter(None, unet, workdir, seed), f"untrained (seed {seed})"
+
+
+def load_ip_adapter(pipe: StableDiffusionPipeline, path: Path) -> None:
+    """Attach an Expression Adapter file (or a folder holding ``exp_adapter.*``) with diffusers' own loader."""
+    if path.is_dir():
+        path = next(path / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin")
+                    if (path / f"{WEIGHT_NAME}.{ext}").is_file())
+    pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+
+
+def adapter_pipeline(base: Arc2FaceBase, scheduler: SchedulerMixin, expression_adapter: Path | None,
+                     reference_adapter: Path | None = None
+                     ) -> tuple[StableDiffusionPipeline, UNet2DConditionModel | None]:
+    """A plain diffusers pipeline on ``base`` with the adapters attached by diffusers' loaders (``load_ip_adapter``,
+    ``load_lora_weights``), and the reference UNet (a copy of the plain base) when a ``ref`` LoRA is given."""
+    ref_unet = reference_unet(base.unet) if reference_adapter is not None else None  # before any adapter
+    pipe = base.pipeline(scheduler)
+    if expression_adapter is not None:
+        load_ip_adapter(pipe, expression_adapter)
+    if reference_adapter is not None:
+        pipe.load_lora_weights(str(reference_adapter), adapter_name=ADAPTER_NAME)
+        add_reference_reader(pipe.unet)  # after load_ip_adapter, which resets every processor
+    return pipe, ref_unet
