@@ -243,7 +243,7 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
 
 def resolve_models(cfg: dict[str, Any]) -> None:
     """Fill null annotator paths with tiny random ones (when ``tiny_annotators`` is set) and record model ids."""
-    from blendexp.faces.annotators import ensure_tiny_annotators
+    from blendexp.faces.annotators import ensure_tiny_annotators  # torch-backed: after composition, as above
 
     if cfg["identity"]["path"] is None or cfg["expression"]["smirk"] is None:
         if not cfg.get("tiny_annotators"):
