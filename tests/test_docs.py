@@ -15,6 +15,7 @@ README = REPO / "README.md"
 MAX_README_LINES = 200
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 MODULE_COMMAND = re.compile(r"python -m (blendexp(?:\.\w+)*)")
+IMPORT = re.compile(r"^\s*from (blendexp(?:\.\w+)*) import", re.M)
 CONSOLE_SCRIPT = re.compile(r"`(blendexp-[a-z-]+)`")
 PACKAGE_PATH = re.compile(r"`(blendexp/[^`\s]*)`")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
@@ -84,6 +85,13 @@ def test_relative_links_resolve(page: Path) -> None:
     assert broken_links(page) == []
 
 
+def test_named_package_paths_exist() -> None:
+    named = {(page.relative_to(REPO).as_posix(), p) for page in doc_files()
+             for token in PACKAGE_PATH.findall(page.read_text()) for p in expand_braces(token)}
+    missing = sorted(f"{page}: {p}" for page, p in named if not (REPO / p).exists())
+    assert missing == [], f"docs name package files that do not exist: {missing}"
+
+
 def test_architecture_table_names_existing_files() -> None:
     missing = sorted(p for p in table_paths(README.read_text()) if not (REPO / p).exists())
     assert missing == [], f"README's architecture table names files that do not exist: {missing}"
@@ -94,12 +102,13 @@ def test_architecture_table_is_complete() -> None:
     assert unnamed == [], f"modules missing from README's architecture table: {unnamed}"
 
 
-def test_module_commands_exist() -> None:
+def test_named_modules_exist() -> None:
     named = {m for page in doc_files() for m in MODULE_COMMAND.findall(page.read_text())}
+    imported = {m for page in doc_files() for m in IMPORT.findall(page.read_text())}
     assert {"blendexp.train", "blendexp.evaluate", "blendexp.generate", "blendexp.data.build",
             "blendexp.toyworld.assets"} <= named, "the five main commands must stay documented"
-    missing = sorted(m for m in named if importlib.util.find_spec(m) is None)
-    assert missing == [], f"docs name `python -m` modules that do not exist: {missing}"
+    missing = sorted(m for m in named | imported if importlib.util.find_spec(m) is None)
+    assert missing == [], f"docs run or import modules that do not exist: {missing}"
 
 
 def test_console_scripts_exist() -> None:
