@@ -5,17 +5,18 @@ model loads, the pipeline and identity built from the config, the sampling setti
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from blendexp.flame import EXP_DIM, ID_DIM, NamedExpression, apply_edits, check_vector, parse_expression
 from blendexp.images import IMAGE_EXTS, load_image
-from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 from blendexp.ranges import check_sampling
+
+if TYPE_CHECKING:  # loaded in load_session only, so every input check answers before torch and diffusers import
+    from blendexp.pipeline import ExpressionPipeline, FaceIdentity
 
 
 def container(node: Any) -> Any:
@@ -53,6 +54,8 @@ def check_identity(cfg: DictConfig) -> None:
 
 def load_session(cfg: DictConfig) -> tuple[ExpressionPipeline, FaceIdentity, np.ndarray | None]:
     """The configured pipeline, the identity and, with the Reference Adapter on, the aligned reference face."""
+    import torch
+
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pipe: ExpressionPipeline = instantiate(cfg.pipeline)
