@@ -60,10 +60,13 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 THRESHOLDS = {"loss_after_vs_before": ("<", 0.85)}
 
 
-def overfit_one_pair(tiny_base, seed: int = 0) -> tuple[ReferenceAdapterModule, L.Trainer, dict[str, float]]:
-    """60 Lightning steps at lr 1e-2 on one (reference, target) pair; the module, its trainer and the loss ratio."""
+def overfit_one_pair(tiny_base, seed: int = 0) -> tuple[ReferenceAdapterModule, L.Trainer, dict[str, float],
+                                                         dict[str, torch.Tensor]]:
+    """60 Lightning steps at lr 1e-2 on one (reference, target) pair; the module, its trainer, the loss ratio and
+    the reference UNet's weights as loaded (a copy taken before training)."""
     L.seed_everything(seed)
     module = make_module(tiny_base)
+    frozen = {k: v.clone() for k, v in module.ref_unet.state_dict().items()}
     batch = pair_batch(seed=seed)
     module.optim_cfg["lr"] = 1e-2
     before = fixed_loss(module, batch)
@@ -72,7 +75,7 @@ def overfit_one_pair(tiny_base, seed: int = 0) -> tuple[ReferenceAdapterModule, 
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     trainer.fit(module, DataLoader([batch] * 60, batch_size=None))
-    return module, trainer, {"loss_after_vs_before": fixed_loss(module, batch) / before}
+    return module, trainer, {"loss_after_vs_before": fixed_loss(module, batch) / before}, frozen
 
 
 def measure_figures(seed: int, work: Path) -> dict[str, float]:
@@ -86,9 +89,8 @@ def measure_figures(seed: int, work: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_overfits_one_pair_and_keeps_only_trained_weights(tiny_base, tmp_path: Path) -> None:
-    module, trainer, figures = overfit_one_pair(tiny_base)
+    module, trainer, figures, frozen = overfit_one_pair(tiny_base)
     assert missed_thresholds(figures, THRESHOLDS) == []
-    frozen = make_module(tiny_base).ref_unet.state_dict()  # as loaded: the frozen copy must not have moved
     assert all(torch.equal(v, frozen[k]) for k, v in module.ref_unet.state_dict().items())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
