@@ -15,5 +15,10 @@ def load_weights_only(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path} is not a weights-only checkpoint (it needs arbitrary unpickling, refused for "
-                         f"safety); give a safetensors file or a checkpoint of tensors") from None
+        raise refused(path) from None
+
+
+def refused(path: str | Path) -> ValueError:
+    """The one-line error for a checkpoint that ``torch.load(weights_only=True)`` would not read."""
+    return ValueError(f"{path} is not a weights-only checkpoint (it needs arbitrary unpickling, refused for safety); "
+                      f"give a safetensors file or a checkpoint of tensors")

@@ -8,6 +8,7 @@ exported adapter, sample grids and logs are. Sweeps: ``python -m blendexp.train 
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured recipe and return the final logged metrics (what a sweep optimises)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from blendexp.checkpoints import refused
     from blendexp.job import finish_runs, resume_path
 
     datamodule, model, trainer, callbacks, loggers = build(cfg)
@@ -60,7 +62,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         with warnings.catch_warnings():  # the frozen base stays in eval mode on purpose (no dropout in frozen parts)
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path"), trainer))
+            ckpt_path = resume_path(cfg.get("ckpt_path"), trainer)
+            try:  # Lightning reads the checkpoint with torch.load; never let it unpickle code
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            except pickle.UnpicklingError:
+                raise refused(trainer.ckpt_path or ckpt_path) from None
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("evaluate_after") and trainer.is_global_zero:
             from blendexp.eval.after_training import evaluate_run

@@ -71,6 +71,14 @@ def test_generate_refuses_a_checkpoint_that_needs_unpickling(tmp_path: Path) -> 
     one_error(res, f"{evil} is not a weights-only checkpoint")
 
 
+def test_train_refuses_to_resume_from_a_checkpoint_that_needs_unpickling(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "payload": Evil()}, evil)
+    res = run_cli("blendexp.train", "+experiment=expr_adapter", f"paths.outputs={tmp_path}", "run_name=evil",
+                  f"ckpt_path={evil}", "trainer.max_steps=1")
+    one_error(res, f"{evil} is not a weights-only checkpoint")
+
+
 def test_generate_names_a_missing_models_folder_in_one_line(tmp_path: Path) -> None:
     res = run_cli("blendexp.generate", f"paths.outputs={tmp_path}", "paths.models=/nonexistent")
     one_error(res, "pipeline: Arc2Face base incomplete: missing /nonexistent/arc2face/config.json", "expected layout")
