@@ -36,6 +36,7 @@ from blendexp.models.arc2face import SD15_HUB_ID, Arc2FaceBase, id_prompt_embeds
 from blendexp.models.adapters import (
     DTYPES,
     adapter_pipeline,
+    check_pickled_adapter,
     find_expression_adapter,
     resolve_reference_lora,
     untrained_reference_lora,
@@ -133,6 +134,8 @@ class ExpressionPipeline:
         ``annotators``: ``build_annotators`` settings (``tiny_root``, ``detector``, ``arcface``, ``smirk``, ...);
         None uses the official layout under ``models_dir``.
         """
+        check_pickled_adapter(expression_adapter)
+        check_pickled_adapter(reference_adapter)
         if tiny_root:
             models_dir, sd15 = ensure_tiny_base(tiny_root)
         models = Path(models_dir)

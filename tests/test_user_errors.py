@@ -67,7 +67,7 @@ def test_generate_refuses_a_checkpoint_that_needs_unpickling(tmp_path: Path) -> 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Evil()}, evil)
     res = run_cli("blendexp.generate", f"paths.outputs={tmp_path}", f"expression_adapter={evil}", "samples=1",
-                  "steps=1", "expression=neutral")
+                  "steps=1", "expression=neutral", "paths.models=/nonexistent")  # refused before any base loads
     one_error(res, f"{evil} is not a weights-only checkpoint")
 
 

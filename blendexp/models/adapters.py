@@ -113,6 +113,12 @@ def resolve_reference_lora(path: str | Path) -> Path:
     return p
 
 
+def check_pickled_adapter(spec: str | Path | bool | None) -> None:
+    """Refuse an adapter file that needs arbitrary unpickling before any base loads (the file is read twice)."""
+    if isinstance(spec, (str, Path)) and Path(spec).suffix in (".bin", ".ckpt", ".pt", ".pth") and Path(spec).is_file():
+        load_weights_only(spec)
+
+
 def find_expression_adapter(spec: str | Path | None, ref: Path | None, fallbacks: list[Path],
                             unet: UNet2DConditionModel, workdir: Path, seed: int) -> tuple[Path, str]:
     """(adapter path, label): the given one, else the one trained with the ``ref`` LoRA (beside it), else the first
