@@ -8,7 +8,7 @@ endpoint ``/generate`` is also what ``gradio_client`` scripts (and the tests) ca
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -41,6 +41,17 @@ def uploaded_image(payload: Mapping[str, Any] | None, label: str) -> np.ndarray 
         raise ValueError(f"{label}: {name} is not an image; upload a JPEG or PNG photo") from None
 
 
+def read_upload(read: Callable[[np.ndarray], Any], payload: Mapping[str, Any] | None, label: str) -> Any:
+    """``read`` (face detection and ArcFace or SMIRK) applied to an upload; its error names the field and the file."""
+    image = uploaded_image(payload, label)
+    if image is None:
+        return None
+    try:
+        return read(image)
+    except ValueError as err:
+        raise ValueError(f"{label} {payload.get('orig_name') or 'upload'}: {err}") from None  # type: ignore[union-attr]
+
+
 class DemoApp:
     """The callbacks behind the page, holding the pipeline and the fallback identity."""
 
@@ -58,12 +69,12 @@ class DemoApp:
         exp = preset(name)
         return [float(exp[component_index(c)]) for c in self.components]
 
-    def expression(self, driving: np.ndarray | None, preset_name: str, values: tuple[float, ...]) -> np.ndarray:
+    def expression(self, driving: Mapping[str, Any] | None, preset_name: str, values: tuple[float, ...]) -> np.ndarray:
         """The driving image's SMIRK vector if one is given, else the preset with the sliders' values."""
         from blendexp.flame import component_index, preset
 
         if driving is not None:
-            return self.pipe.expression_from_image(driving)
+            return read_upload(self.pipe.expression_from_image, driving, "driving image")
         exp = preset(preset_name)
         exp[[component_index(c) for c in self.components]] = values
         return exp
@@ -80,9 +91,8 @@ class DemoApp:
         try:
             settings = check_sampling(UI_NAMES, num_images=samples, seed=seed, steps=steps, guidance=guidance,
                                       expression_scale=expression_scale, reference_scale=reference_scale)
-            photo, driving_image = uploaded_image(identity, "identity photo"), uploaded_image(driving, "driving image")
-            face = self.face if photo is None else self.pipe.identity_from_image(photo)
-            exp = self.expression(driving_image, preset_name, values)
+            face = read_upload(self.pipe.identity_from_image, identity, "identity photo") or self.face
+            exp = self.expression(driving, preset_name, values)
             if use_reference and face.image is None:
                 raise ValueError("the Reference Adapter needs an identity photo")
             images = self.pipe(face, exp, face.image if use_reference else None, size=self.cfg.size,

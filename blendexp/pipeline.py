@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from blendexp.data.image_sets import is_shards, read_images
 from blendexp.faces.align import align_ffhq, arcface_crop
-from blendexp.faces.annotators import Annotators, build_annotators, ensure_tiny_annotators
+from blendexp.faces.annotators import Annotators, build_annotators
 from blendexp.faces.detect import ensure_rgb
 from blendexp.flame import EXP_DIM, ID_DIM, NamedExpression, check_vector, interpolate, parse_expression
 from blendexp.flame import negative_expression as negative_expression_vector
@@ -71,11 +71,7 @@ def official_annotators(models_dir: str | Path) -> dict[str, Any]:
 
 def build_face_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     """The evaluation's annotators without its second recogniser; ``tiny_root`` writes tiny random ones once."""
-    cfg = dict(cfg)
-    if cfg.get("tiny_root"):
-        tiny = ensure_tiny_annotators(cfg["tiny_root"], facenet=False)  # only the ArcFace/SMIRK pair: no facenet
-        cfg.update(arcface=str(tiny["arcface"]), smirk=str(tiny["smirk"]))
-    return build_annotators({**cfg, "tiny_root": None, "facenet": None}, device)
+    return build_annotators({**cfg, "facenet": None}, device)
 
 
 def _reference_lora(spec: Any, models_dir: Path, unet: UNet2DConditionModel, workdir: Path,
@@ -118,6 +114,7 @@ class ExpressionPipeline:
         self.annotator_cfg = dict(annotators or {})
         self.sources = dict(sources or {})
         self._annotators: Annotators | None = None
+        self._warned_toy = False
 
     @classmethod
     def from_pretrained(cls, models_dir: str | Path, sd15: str | Path = SD15_HUB_ID,
@@ -176,30 +173,36 @@ class ExpressionPipeline:
         self.pipe.scheduler = make_scheduler(name, self.pipe.scheduler.config)
         self.sources["scheduler"] = type(self.pipe.scheduler).__name__
 
-    def _face(self, image: np.ndarray | str | Path) -> tuple[np.ndarray, Any, str]:
-        """(RGB image, largest face, origin); no face fails naming the file."""
+    def _face(self, image: np.ndarray | str | Path, aligned: bool = False) -> tuple[np.ndarray, Any, str]:
+        """(RGB image, largest face, origin); no face fails naming the file. ``aligned``: an FFHQ-aligned crop."""
         origin = str(image) if isinstance(image, (str, Path)) else "the given image"
         img = load_image(image) if isinstance(image, (str, Path)) else ensure_rgb(image)
-        face = self.annotators.find_faces([img])[0]
+        warning = None if aligned or self._warned_toy else self.annotators.toy_warning(origin)
+        if warning:
+            log.warning(warning)
+            self._warned_toy = True
+        face = self.annotators.find_faces([img], aligned)[0]
         if face is None:
             raise ValueError(f"no face found in {origin}; give a photo with one clearly visible face "
                              f"(detector: {self.annotator_cfg.get('detector', 'auto')})")
         return img, face, origin
 
-    def identity_from_image(self, image: np.ndarray | str | Path, size: int | None = None) -> FaceIdentity:
-        """Detect the largest face, embed its ArcFace crop and keep its FFHQ alignment (the Reference Adapter's input)."""
-        img, face, origin = self._face(image)
+    def identity_from_image(self, image: np.ndarray | str | Path, size: int | None = None,
+                            aligned: bool = False) -> FaceIdentity:
+        """Detect the largest face (``aligned``: take the image as an FFHQ-aligned crop), embed its ArcFace crop and
+        keep its FFHQ alignment (the Reference Adapter's input)."""
+        img, face, origin = self._face(image, aligned)
         embedding = self.annotators.arcface.embed(arcface_crop(img, face.landmarks5)[None])[0]
         return FaceIdentity(embedding, align_ffhq(img, face.landmarks5, size or self.native_size), origin)
 
-    def expression_from_image(self, image: np.ndarray | str | Path) -> np.ndarray:
+    def expression_from_image(self, image: np.ndarray | str | Path, aligned: bool = False) -> np.ndarray:
         """The (55,) FLAME vector SMIRK reads off the largest face of a driving image."""
-        img, face, _ = self._face(image)
+        img, face, _ = self._face(image, aligned)
         return self.annotators.smirk.annotate([img], [face])[0]
 
     def measure_expressions(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 55) SMIRK re-extraction of generated images, NaN rows where no face is found (controllability)."""
-        faces = self.annotators.find_faces(images)
+        faces = self.annotators.find_faces(images, self.annotators.generated_aligned(images))
         found = self.annotators.smirk.annotate(images, faces)
         return np.stack([np.full(EXP_DIM, np.nan, np.float32) if v is None else v for v in found])
 
@@ -219,7 +222,7 @@ class ExpressionPipeline:
             items = read_images(str(source), "identity", [], limit=1)
             if not items:
                 raise ValueError(f"no readable face in the shards {source}")
-            found = self.identity_from_image(items[0].image)
+            found = self.identity_from_image(items[0].image, aligned=True)  # shard faces are aligned crops
             return FaceIdentity(found.embedding, found.image, items[0].origin)
         if not path.is_file():
             raise FileNotFoundError(f"identity image not found: {path}")

@@ -156,7 +156,7 @@ def write_report(result: SuiteResult, out: Path, grid_pairs: int = 8) -> dict[st
     skipped = pd.DataFrame([vars(s) for s in result.test.skipped], columns=["role", "origin", "reason"])
     skipped.to_csv(out / "skipped.csv", index=False)
     table = markdown_table(result)
-    lines = ["# Evaluation", "", table, "",
+    lines = ["# Evaluation", "", *[f"> **Warning**: {w}\n" for w in result.test.warnings], table, "",
              "Mean with 95% interval: ± is a Student-t interval over images; [low, high] a bootstrap interval over the "
              "generated images (FID, KID). ID similarity compares each generated image with its source face; "
              "expression errors compare SMIRK's re-extraction with the target FLAME vector.", ""]

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from blendexp.data.image_sets import InputImage, Skipped, read_images
+from blendexp.data.image_sets import InputImage, Skipped, is_shards, read_images
 from blendexp.eval.features import build_feature_extractor, image_features
 from blendexp.eval.inputs import Target, check_input, flame_files, flame_targets
 from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method, check_method
@@ -54,6 +54,7 @@ class EvalSet:
     sources: list[Source]
     targets: list[Target]
     skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # repeated at the top of the report
 
     def pairs(self, samples: int) -> list[tuple[int, int, int]]:
         """(source index, target index, sample k) for every image a method must produce."""
@@ -77,9 +78,10 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def read_faces(annotators: Annotators, images: Sequence[np.ndarray], batch_size: int, desc: str) -> FaceReadout:
+def read_faces(annotators: Annotators, images: Sequence[np.ndarray], batch_size: int, desc: str,
+               aligned: bool = False) -> FaceReadout:
     """``Annotators.read`` over many images in batches, with a progress bar."""
-    parts = [annotators.read(b) for b in tqdm(list(chunks(images, batch_size)), desc=desc, disable=None)]
+    parts = [annotators.read(b, aligned) for b in tqdm(list(chunks(images, batch_size)), desc=desc, disable=None)]
     if not parts:
         return annotators.read([])
     return FaceReadout(found=np.concatenate([p.found for p in parts]), arcface=np.concatenate([p.arcface for p in parts]),
@@ -95,7 +97,7 @@ def _select(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def load_sources(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[Skipped], batch: int) -> list[Source]:
     """Source faces with their embeddings; images without a detectable face are listed as skipped."""
     items = read_images(cfg["path"], "source", skipped, **_select(cfg))
-    faces = read_faces(annotators, [i.image for i in items], batch, "read sources")
+    faces = read_faces(annotators, [i.image for i in items], batch, "read sources", aligned=is_shards(cfg["path"]))
     sources = []
     for i, item in enumerate(items):
         if not faces.found[i]:
@@ -132,7 +134,8 @@ def load_targets(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[S
     """Target expressions from shards (their ``exp.npy``) or driving images (through SMIRK; faceless ones skipped)."""
     items: list[InputImage] = read_images(cfg["path"], "target", skipped, **_select(cfg))
     driving = [i for i in items if i.exp is None]
-    faces = read_faces(annotators, [i.image for i in driving], batch, "read driving images")
+    faces = read_faces(annotators, [i.image for i in driving], batch, "read driving images",
+                       aligned=is_shards(cfg["path"]))
     exps = {id(item): faces.exp[j] for j, item in enumerate(driving) if faces.found[j]}
     targets = []
     for item in items:
@@ -229,7 +232,7 @@ def score_images(name: str, jobs: Jobs, test: EvalSet,
     present = [(job, path) for job, path in jobs if path is not None]
     for batch in tqdm(list(chunks(present, batch_size)), desc=f"score {name}", disable=None):
         images = [load_image(path) for _, path in batch]
-        faces = annotators.read(images)
+        faces = annotators.read_generated(images)
         feats.append(image_features(extractor, images, device))
         src = [test.sources[s] for (s, _, _), _ in batch]
         tgt = np.stack([test.targets[t].exp for (_, t, _), _ in batch])
@@ -256,13 +259,23 @@ def real_features(cfg: Mapping[str, Any], test: EvalSet, extractor: torch.nn.Mod
     return torch.cat([image_features(extractor, b, device) for b in chunks(images, batch_size)])
 
 
+def toy_warnings(cfg: Mapping[str, Any], annotators: Annotators, flame_targets: bool) -> list[str]:
+    """A warning when photo folders (not shards, which the toy world writes) are read with toy instruments."""
+    roles = ["source"] + ([] if flame_targets else ["target"])
+    photos = [f"eval.{r}s.path={cfg[r + 's']['path']}" for r in roles if not is_shards(cfg[r + "s"]["path"])]
+    warning = annotators.toy_warning("photos of " + " and ".join(photos)) if photos else None
+    if warning:
+        log.warning(warning)
+    return [warning] if warning else []
+
+
 def load_test_set(cfg: Mapping[str, Any], annotators: Annotators, batch: int, run_dir: Path,
                   flame_targets: list[Target] | None) -> EvalSet:
     """Sources and targets, with their names written to ``sources.csv`` / ``targets.csv`` (the naming scheme)."""
     skipped: list[Skipped] = []
     sources = load_sources(cfg["sources"], annotators, skipped, batch)
     targets = flame_targets or load_targets(cfg["targets"], annotators, skipped, batch)
-    test = EvalSet(sources, targets, skipped)
+    test = EvalSet(sources, targets, skipped, toy_warnings(cfg, annotators, flame_targets is not None))
     pd.DataFrame([{"source": s.name, "origin": s.origin} for s in test.sources]).to_csv(run_dir / "sources.csv", index=False)
     pd.DataFrame([{"target": t.name, "origin": t.origin} for t in test.targets]).to_csv(run_dir / "targets.csv", index=False)
     return test

@@ -35,9 +35,13 @@ TINY_FACENET = "facenet/20180402-114759-vggface2.pt"
 WEIGHTS = ("arcface", "facenet", "smirk")
 
 
+GENERATED = ("auto", "detect", "aligned")
+DETECTED_FROM = 128  # px: generated images this size and up are detected (auto); smaller ones are read as aligned
+
+
 class AlignedFaces:
     """A "detector" for FFHQ-aligned crops (shard images, Arc2Face outputs, toy faces): the face is where the
-    alignment put it. Use it where no real detector works (tiny and toy worlds); it never reports a missing face."""
+    alignment put it. Use it where the data declare alignment; it never reports a missing face."""
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
         """The FFHQ template scaled to this image."""
@@ -90,11 +94,24 @@ class Annotators:
     arcface: IdentityEncoder
     facenet: IdentityEncoder | None
     smirk: SmirkAnnotator
+    generated: str = "auto"
+    toy: str | None = None  # what the toy or tiny random instruments are, None for real weights
 
-    def find_faces(self, images: Sequence[np.ndarray]) -> list[Face | None]:
-        """Largest face per image, None where there is none (a failing detector counts as no face, never a crash)."""
+    def toy_warning(self, what: str) -> str | None:
+        """The warning for reading real photos (``what``) with toy instruments, None with real weights."""
+        if self.toy is None:
+            return None
+        return (f"{what} read with {self.toy}: they were never trained on real faces, so identity and expression "
+                f"values of real photos mean nothing; give the real weights (paths.models=<official models folder>)")
+
+    def find_faces(self, images: Sequence[np.ndarray], aligned: bool = False) -> list[Face | None]:
+        """Largest face per image, None where there is none (a failing detector counts as no face, never a crash);
+        ``aligned`` images (shards, declared crops) take the FFHQ template instead of detection."""
         faces: list[Face | None] = []
         for image in images:
+            if aligned:
+                faces.append(AlignedFaces().detect(image)[0])
+                continue
             try:
                 faces.append(largest_face(self.detector.detect(image)))
             except (ValueError, RuntimeError) as err:
@@ -102,10 +119,21 @@ class Annotators:
                 faces.append(None)
         return faces
 
-    def read(self, images: Sequence[np.ndarray]) -> FaceReadout:
-        """Detect, crop and embed a batch: one FaceReadout row per image."""
+    def generated_aligned(self, images: Sequence[np.ndarray]) -> bool:
+        """Whether generated images are read as aligned crops: ``generated`` says so, or (auto) they are smaller than
+        any real detector finds faces in (the toy and tiny bases' 64 px); Arc2Face's 512 px outputs are detected."""
+        if self.generated != "auto":
+            return self.generated == "aligned"
+        return bool(images) and min(min(np.shape(i)[:2]) for i in images) < DETECTED_FROM
+
+    def read_generated(self, images: Sequence[np.ndarray]) -> FaceReadout:
+        """``read`` for a method's outputs, detected or taken as aligned as ``generated`` says."""
+        return self.read(images, aligned=self.generated_aligned(images))
+
+    def read(self, images: Sequence[np.ndarray], aligned: bool = False) -> FaceReadout:
+        """Detect (or, ``aligned``, template), crop and embed a batch: one FaceReadout row per image."""
         n = len(images)
-        faces = self.find_faces(images)
+        faces = self.find_faces(images, aligned)
         found = np.array([f is not None for f in faces], dtype=bool)
         arc = np.full((n, ID_DIM), np.nan, np.float32)
         fn = np.full((n, ID_DIM), np.nan, np.float32) if self.facenet is not None else None
@@ -121,21 +149,43 @@ class Annotators:
         return FaceReadout(found=found, arcface=arc, facenet=fn, exp=exp)
 
 
+def toy_origin(weights: Path) -> str | None:
+    """The toy-world build (or its shipped copy, data/toy) a weights file comes from: a parent holding the build's
+    metrics.json; None for anything else."""
+    for folder in weights.resolve().parents[:4]:
+        metrics = folder / "metrics.json"
+        if metrics.is_file() and '"identity_encoder"' in metrics.read_text(errors="replace"):
+            return str(folder)
+    return None
+
+
+def describe_toy(cfg: Mapping[str, Any], paths: Mapping[str, Any]) -> str | None:
+    """Which toy instruments these are ("tiny random ...", "toy-world ... from <root>"), None for real weights."""
+    if cfg.get("tiny_root"):
+        return f"tiny random ArcFace/SMIRK ({cfg['tiny_root']})"
+    roots = {toy_origin(Path(paths[k])) for k in ("arcface", "smirk")}
+    roots.discard(None)
+    return f"the toy world's ArcFace/SMIRK ({', '.join(sorted(roots))})" if roots else None
+
+
 def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     """Build the configured annotators; ``tiny_root`` replaces the weight paths by tiny random files."""
     paths = {k: cfg.get(k) for k in WEIGHTS}
     if cfg.get("tiny_root"):
-        tiny = ensure_tiny_annotators(cfg["tiny_root"])
-        paths = {k: (tiny[k] if paths[k] else None) for k in WEIGHTS}  # facenet: null keeps the check off
+        tiny = ensure_tiny_annotators(cfg["tiny_root"], facenet=bool(paths["facenet"]))
+        paths = {k: tiny.get(k) if k != "facenet" or paths[k] else None for k in WEIGHTS}  # facenet: null keeps it off
     for key in ("arcface", "smirk"):
         if not paths[key]:
             raise ValueError(f"eval.annotators.{key} is not set; give the weights file (or set tiny_root)")
     arcface = build_identity_encoder("arcface", paths["arcface"], device)
     facenet = build_identity_encoder("facenet", paths["facenet"], device) if paths["facenet"] else None
     smirk = load_smirk(paths["smirk"], device)
-    name = cfg.get("detector", "auto")
-    detector: FaceDetector = AlignedFaces() if name == "aligned" else build_detector(
-        name, model_dir=cfg.get("detector_dir"), min_score=cfg.get("min_score"), device=device)
-    return Annotators(detector=detector, arcface=arcface, facenet=facenet,
+    generated = str(cfg.get("generated", "auto"))
+    if generated not in GENERATED:
+        raise ValueError(f"annotators.generated={generated!r}; choose one of {', '.join(GENERATED)}")
+    detector: FaceDetector = AlignedFaces() if cfg.get("aligned") else build_detector(
+        cfg.get("detector", "auto"), model_dir=cfg.get("detector_dir"), min_score=cfg.get("min_score"), device=device)
+    return Annotators(detector=detector, arcface=arcface, facenet=facenet, generated=generated,
+                      toy=describe_toy(cfg, paths),
                       smirk=SmirkAnnotator(detector, smirk, swap_rb=bool(cfg.get("smirk_swap_rb", False)),
                                            batch_size=int(cfg.get("batch_size", 16))))

@@ -23,8 +23,8 @@ def tiny_annotators(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def annotators(tiny_annotators: Path) -> Annotators:
-    """Tiny annotators with the aligned-face detector, as the embedded default builds them."""
-    return build_annotators({"tiny_root": str(tiny_annotators), "detector": "aligned", "arcface": "x",
+    """Tiny annotators taking every image as an aligned crop (toy faces)."""
+    return build_annotators({"tiny_root": str(tiny_annotators), "aligned": True, "arcface": "x",
                              "facenet": "x", "smirk": "x"})
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from skimage.data import astronaut
+from skimage.data import astronaut, chelsea
 
 from blendexp.evaluate import evaluate
 from tests.conftest import run_cli
@@ -69,17 +69,18 @@ def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny
     sources.mkdir()
     face = np.asarray(Image.fromarray(astronaut()).resize((256, 256)))
     Image.fromarray(face).save(sources / "astronaut.png")
-    Image.new("RGB", (256, 256), "gray").save(sources / "blank.png")
+    Image.fromarray(chelsea()).save(sources / "cat.png")
     np.save(flame, np.stack([np.zeros(55), np.full(55, 0.1)]).astype(np.float32))
     for target in ("exp-0", "exp-1"):  # the documented layout: <source>/<target>_<k>.png
         (external / "astronaut").mkdir(parents=True, exist_ok=True)
         Image.fromarray(face).save(external / "astronaut" / f"{target}_0.png")
     run = tmp_path / "run"
-    # the tiny random base (its noise has no face) and tiny annotators including the second recogniser (facenet)
+    # the tiny random base (its noise has no face: detected, not taken as aligned crops) and tiny annotators including
+    # the second recogniser (facenet); the sources are detected by default
     cfg = eval_config(run, f"eval.base.tiny_root={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}",
                       "eval.annotators.facenet=tiny", *SHRINK, f"eval.sources.path={sources}", f"eval.targets.path={flame}",
                       "eval.targets.offset=0", "eval.targets.limit=null",
-                      "eval.annotators.detector=mtcnn", "eval.generation.samples=1", "~eval.methods.expr_adapter",
+                      "eval.generation.samples=1", "eval.annotators.generated=detect", "~eval.methods.expr_adapter",
                       "~eval.methods.expr_ref", f"+eval.methods.copies={{kind: folder, path: {external}}}")
     evaluate(cfg)
     results = pd.read_csv(run / "results.csv").set_index("method")
@@ -89,9 +90,11 @@ def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny
     assert results.loc["arc2face", "no_face_rate"] == 1.0  # tiny-base noise has no face: reported, not a crash
     assert np.isnan(results.loc["arc2face", "id_sim"])
     skipped = pd.read_csv(run / "skipped.csv")
-    assert skipped.to_dict("records") == [{"role": "source", "origin": str(sources / "blank.png"),
+    assert skipped.to_dict("records") == [{"role": "source", "origin": str(sources / "cat.png"),
                                            "reason": "no face detected"}]
-    assert str(sources / "blank.png") in (run / "results.md").read_text()
+    report = (run / "results.md").read_text()
+    assert str(sources / "cat.png") in report
+    assert f"**Warning**: photos of eval.sources.path={sources} read with tiny random ArcFace/SMIRK" in report
 
 
 def test_external_folder_without_the_expected_names_fails(tmp_path: Path, tiny_base, tiny_annotators: Path) -> None:

@@ -41,9 +41,9 @@ def exp_adapter(tiny_base, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipe(tiny_base, exp_adapter: Path, tiny_annotators: Path) -> ExpressionPipeline:
-    """The API on the tiny base with the trained-like adapter and the tiny annotators (aligned-face detector)."""
+    """The API on the tiny base with the trained-like adapter and the tiny annotators (toy faces: aligned crops)."""
     return ExpressionPipeline.from_pretrained(*tiny_base, expression_adapter=exp_adapter,
-                                              annotators={"tiny_root": str(tiny_annotators), "detector": "aligned"})
+                                              annotators={"tiny_root": str(tiny_annotators), "aligned": True})
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +54,25 @@ def face_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("faces") / "toy_face.png"
     Image.fromarray(read_images(SAMPLE_SHARD, "face", [], limit=1)[0].image).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real photos no model here was trained on: one person cut (not square) from insightface's group photo t1.jpg,
+    its copy rotated by 10 degrees, scikit-image's astronaut, and chelsea the cat (no human face)."""
+    import cv2
+    import insightface
+    from skimage.data import astronaut, chelsea
+
+    folder = tmp_path_factory.mktemp("photos")
+    group = cv2.imread(str(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"))
+    person = np.ascontiguousarray(group[219:536, 692:893, ::-1])  # 317 x 201 around one face, as RGB
+    turn = cv2.getRotationMatrix2D((person.shape[1] / 2, person.shape[0] / 2), 10, 1.0)
+    rotated = cv2.warpAffine(person, turn, person.shape[1::-1], borderMode=cv2.BORDER_REFLECT)
+    images = {"person.jpg": person, "person_rotated.jpg": rotated, "astronaut.png": astronaut(), "cat.png": chelsea()}
+    for name, image in images.items():
+        Image.fromarray(image).save(folder / name, quality=95)
+    return {Path(name).stem: folder / name for name in images}
 
 
 @pytest.fixture

@@ -83,20 +83,21 @@ def shared_demo(tmp_path_factory: pytest.TempPathFactory, tiny_base, tiny_annota
 
 
 @pytest.mark.slow
-def test_demo_generates_through_gradio_client(demo_url: str, face_png: Path) -> None:
+def test_demo_generates_through_gradio_client(demo_url: str, real_photos: dict[str, Path]) -> None:
     client = gradio_client.Client(demo_url, verbose=False)
     smile = preset("smile")
     sliders = [float(smile[component_index(c)]) for c in main_components()]
     sliders[main_components().index("jaw.0")] = 0.3  # the jaw_open slider moved on top of the preset
-    gallery, used = client.predict(gradio_client.handle_file(str(face_png)), None, True, 1.0, 0.8, 0, 2, 2, 3.0,
-                                   "smile", *sliders, api_name="/generate")
+    # A real photo, not square and never seen: detected and aligned by default, then the Reference Adapter's input.
+    gallery, used = client.predict(gradio_client.handle_file(str(real_photos["person"])), None, True, 1.0, 0.8, 0, 2,
+                                   2, 3.0, "smile", *sliders, api_name="/generate")
     assert len(gallery) == 2
     images = [np.asarray(Image.open(item["image"])) for item in gallery]
     assert all(im.shape == (64, 64, 3) for im in images) and not np.array_equal(images[0], images[1])
     assert used == {"exp.0": 2.5, "exp.1": 2.5, "exp.7": 1.0, "jaw.0": 0.3}
     # A driving image replaces the sliders by its SMIRK vector.
-    _, driven = client.predict(None, gradio_client.handle_file(str(face_png)), False, 1.0, 0.8, 1, 1, 2, 3.0,
-                               "neutral", *[0.0] * len(sliders), api_name="/generate")
+    _, driven = client.predict(None, gradio_client.handle_file(str(real_photos["astronaut"])), False, 1.0, 0.8, 1, 1,
+                               2, 3.0, "neutral", *[0.0] * len(sliders), api_name="/generate")
     assert len(driven) > 10
 
 
@@ -108,15 +109,17 @@ def request(client: gradio_client.Client, identity: object = None, scale: float 
 
 @pytest.mark.parametrize("bad, message", [
     ("upload", "identity photo: notes.txt is not an image"),
+    ("cat", "identity photo cat.png: no face found"),
     ("seed", "seed=1e+30 is out of range"),
     ("scale", "expression scale='nan' is out of range"),  # JSON has no NaN: a raw request sends it as text
 ])
 def test_demo_answers_bad_requests_readably_and_keeps_serving(shared_demo: str, tmp_path: Path, bad: str,
-                                                              message: str) -> None:
+                                                              message: str, real_photos: dict[str, Path]) -> None:
     client = gradio_client.Client(shared_demo, verbose=False)
     notes = tmp_path / "notes.txt"
     notes.write_text("not a photo")
     kwargs = {"upload": {"identity": gradio_client.handle_file(str(notes))}, "seed": {"seed": 1e30},
+              "cat": {"identity": gradio_client.handle_file(str(real_photos["cat"]))},
               "scale": {"scale": "nan"}}[bad]
     with pytest.raises(AppError) as err:
         request(client, **kwargs)

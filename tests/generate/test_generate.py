@@ -45,7 +45,8 @@ def test_edits_driving_image_and_embedding(tmp_path: Path, tiny_base, tiny_annot
     flame.write_text(json.dumps([[0.0] * 55, [0.1] * 55]))
     out = tmp_path / "run"
     files = generate(compose_config("generate", out, *overrides(tiny_base, tiny_annotators), f"identity={emb}",
-                                    f"expression=[{face_png},smile,{flame}]", "samples=1", "+edits.jaw.0=0.3"))
+                                    f"expression=[{face_png},smile,{flame}]", "samples=1", "+edits.jaw.0=0.3",
+                                    "aligned=true"))  # the toy face is an aligned crop
     settings = json.loads((out / "settings.json").read_text())
     assert list(settings["expressions"]) == ["toy_face", "smile", "two-0", "two-1"]
     assert all(e["jaw.0"] == 0.3 for e in settings["expressions"].values())
@@ -89,7 +90,7 @@ def test_bad_inputs_fail_with_one_line_and_status_1(case: str, tmp_path: Path, t
     np.save(emb, np.ones(512, np.float32))
     extra, message = {
         "short_flame": ([f"expression={short}"], f"error: FLAME vector in {short} has 54 values; 55 values are expected"),
-        "no_face": ([f"identity={blank_png}", "pipeline.annotators.detector=mtcnn"], f"error: no face found in {blank_png}"),
+        "no_face": ([f"identity={blank_png}"], f"error: no face found in {blank_png}"),
         "reference_without_photo": ([f"identity={emb}", "reference=true"], "error: reference=true needs a face photo"),
     }[case]
     with pytest.raises(SystemExit) as exit_:
