@@ -98,6 +98,10 @@ class Annotator:
                     self._reject(out, item, frame + 1, "decode error", f"{type(err).__name__}: {err}")
                     break
                 out["frames"] += 1
+                if min(image.shape[:2]) < float(face_cfg["min_size"]):  # below any face box the threshold accepts
+                    self._reject(out, item, frame, "too small", f"image {image.shape[1]}x{image.shape[0]} px < "
+                                 f"face.min_size {face_cfg['min_size']}")
+                    continue
                 face, reason, detail = choose_face(
                     self.detector.detect(image), self.min_score, float(face_cfg["min_size"]),
                     None if item.video else face_cfg.get("several_faces_ratio"), track, float(video["iou_min"]))

@@ -1,12 +1,15 @@
 """What a build annotates: input sources listed into items (images, videos) and cut into deterministic tasks.
 
 A source is a folder (recursive), a glob, one media file or a list file (``path[TAB subject]``); the subject of an
-item is its folder or file name. Videos are one task each; images are grouped ``images_per_task`` at a time.
+item comes from the list file, a subject map, else its folder name (files directly in the source folder: their own
+name). Videos are one task each; images are grouped ``images_per_task`` at a time.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
 import os
 import re
 from collections import Counter
@@ -58,13 +61,50 @@ def _walk(folder: Path) -> list[Path]:
     return sorted(p for p in files if p.is_file()) + sorted(unreadable)
 
 
+SUBJECT_RULES = ("auto", "parent", "stem")
+
+
+def read_subject_map(path: str | Path, source: str) -> dict[str, str]:
+    """A subject map: CSV (``file,subject`` per row, a header row allowed) or JSON (``{file: subject}``); files are
+    paths relative to the source's root (or bare file names)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"sources.{source}.subject_map: {file} does not exist; give a CSV (file,subject) or "
+                                f"JSON ({{file: subject}}) file")
+    if file.suffix.lower() == ".json":
+        mapping = json.loads(file.read_text())
+        if not isinstance(mapping, dict):
+            raise ValueError(f"sources.{source}.subject_map: {file} must hold one JSON object {{file: subject}}")
+        return {str(k): str(v) for k, v in mapping.items()}
+    rows = [r for r in csv.reader(file.read_text().splitlines()) if r and not r[0].lstrip().startswith("#")]
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    if bad:
+        raise ValueError(f"sources.{source}.subject_map: {file} line {bad[0]} is not 'file,subject'")
+    return {r[0].strip(): r[1].strip() for r in rows if (r[0].strip(), r[1].strip()) != ("file", "subject")}
+
+
+def subject_of(path: Path, root: Path, rule: str, mapping: Mapping[str, str]) -> str:
+    """An item's subject: the subject map's entry (by relative path, then file name), else by ``rule``: ``auto``
+    takes the folder name below the root and the file name for files directly in it (a flat folder of stills is
+    one subject per photo), ``parent`` always the folder name, ``stem`` always the file name."""
+    rel = os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
+    listed = mapping.get(rel) or mapping.get(path.name)
+    if listed:
+        return listed
+    if rule == "stem" or (rule == "auto" and path.parent == root):
+        return path.stem
+    return path.parent.name
+
+
 def list_inputs(source: str, src: Mapping[str, Any]) -> list[Item]:
     """The items of one source: a folder (recursive), a glob, one media file, or a list file (path[TAB subject])."""
-    spec, rule = src.get("inputs"), src.get("subject", "parent")
+    spec, rule = src.get("inputs"), src.get("subject", "auto")
     if not spec:
         raise ValueError(f"sources.{source}.inputs is not set; give a folder, glob, media file or list file")
-    if rule not in ("parent", "stem"):
-        raise ValueError(f"sources.{source}.subject={rule!r}; choose 'parent' (folder name) or 'stem' (file name)")
+    if rule not in SUBJECT_RULES:
+        raise ValueError(f"sources.{source}.subject={rule!r}; choose 'auto' (folder name, file name for files "
+                         f"directly in the source folder), 'parent' (folder name) or 'stem' (file name)")
+    mapping = read_subject_map(src["subject_map"], source) if src.get("subject_map") else {}
     media = IMAGE_EXTS + VIDEO_EXTS
     spec_path = Path(str(spec))
     entries: list[tuple[Path, str | None]]
@@ -90,7 +130,7 @@ def list_inputs(source: str, src: Mapping[str, Any]) -> list[Item]:
                                 f"({' '.join(VIDEO_EXTS)}) found at {spec}")
     items, seen = [], Counter()
     for path, listed in entries:
-        subject = safe_part(listed or (path.parent.name if rule == "parent" else path.stem))
+        subject = safe_part(listed or subject_of(path, root, rule, mapping))
         name = safe_part(path.stem)
         seen[subject, name] += 1
         name = name if seen[subject, name] == 1 else f"{name}-{seen[subject, name]}"

@@ -130,17 +130,17 @@ def image_grids(result: SuiteResult, folder: Path, pairs: int, per_grid: int = 8
         rows = []
         for s, t in todo[start:start + per_grid]:
             cells = [load_image(lookup[(m, s.name, t.name)]) if (m, s.name, t.name) in lookup else None for m in methods]
-            size = next((c.shape[0] for c in cells if c is not None), s.image.shape[0])
-            rows.append([_resize(s.image, size), None if t.image is None else _resize(t.image, size)] + cells)
-        cell = next(c for r in rows for c in r if c is not None).shape[1]
-        grid = _labelled(image_grid(rows), ["source", "target"] + methods, cell)
+            rows.append([s.aligned, t.image] + cells)
+        size = next((c.shape[0] for r in rows for c in r[2:] if c is not None), rows[0][0].shape[0])  # generated
+        rows = [[None if c is None else _resize(c, size) for c in r] for r in rows]  # cells of any size line up
+        grid = _labelled(image_grid(rows), ["source", "target"] + methods, size)
         paths.append(folder / f"grid_{g:03d}.png")
         grid.save(paths[-1])
     return paths
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Square-resize an input image to the generated images' size so grid cells line up."""
+    """Square-resize an image (an input, or a baseline's of another size) to the grid's cell size."""
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))

@@ -8,6 +8,7 @@ run resumes; a manifest that disagrees with the configuration stops the run inst
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,11 +28,13 @@ from blendexp.eval.features import build_feature_extractor, image_features
 from blendexp.eval.inputs import Target, check_input, flame_files, flame_targets
 from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method, check_method
 from blendexp.eval.metrics import Estimate, border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
+from blendexp.faces.align import align_ffhq
 from blendexp.faces.annotators import Annotators, FaceReadout, build_annotators
 from blendexp.images import load_image
 
 log = logging.getLogger(__name__)
 
+ALIGNED_SIZE = 512  # px of a photo source's aligned face, as the official reference path aligns
 PER_IMAGE_METRICS = ("id_sim", "id_sim_facenet", "exp_mae", "exp_l2", "exp_mae_expression", "exp_mae_eyelid",
                      "exp_mae_jaw", "bg_l1")
 
@@ -42,7 +45,8 @@ class Source:
 
     name: str
     origin: str
-    image: np.ndarray
+    image: np.ndarray  # the photo as read
+    aligned: np.ndarray  # its FFHQ-aligned face: the reference image (expr_ref), bg_l1's reference, the grids' cell
     arcface: np.ndarray  # (512,)
     facenet: np.ndarray | None  # (512,)
 
@@ -86,7 +90,7 @@ def read_faces(annotators: Annotators, images: Sequence[np.ndarray], batch_size:
         return annotators.read([])
     return FaceReadout(found=np.concatenate([p.found for p in parts]), arcface=np.concatenate([p.arcface for p in parts]),
                        facenet=None if parts[0].facenet is None else np.concatenate([p.facenet for p in parts]),
-                       exp=np.concatenate([p.exp for p in parts]))
+                       exp=np.concatenate([p.exp for p in parts]), faces=[f for p in parts for f in p.faces])
 
 
 def _select(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -97,15 +101,18 @@ def _select(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def load_sources(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[Skipped], batch: int) -> list[Source]:
     """Source faces with their embeddings; images without a detectable face are listed as skipped."""
     items = read_images(cfg["path"], "source", skipped, **_select(cfg))
-    faces = read_faces(annotators, [i.image for i in items], batch, "read sources", aligned=is_shards(cfg["path"]))
+    shards = is_shards(cfg["path"])
+    faces = read_faces(annotators, [i.image for i in items], batch, "read sources", aligned=shards)
     sources = []
     for i, item in enumerate(items):
-        if not faces.found[i]:
+        face = faces.faces[i]
+        if face is None:
             log.warning("source %s: no face detected; skipped", item.origin)
             skipped.append(Skipped("source", item.origin, "no face detected"))
             continue
-        sources.append(Source(item.name, item.origin, item.image, faces.arcface[i],
-                              None if faces.facenet is None else faces.facenet[i]))
+        aligned = item.image if shards else align_ffhq(item.image, face.landmarks5, ALIGNED_SIZE)  # shards: aligned
+        sources.append(Source(item.name, item.origin, item.image, aligned,
+                              faces.arcface[i], None if faces.facenet is None else faces.facenet[i]))
     if not sources:
         raise ValueError(f"no usable source faces in {cfg['path']}: every image was skipped "
                          f"({'; '.join(f'{s.origin}: {s.reason}' for s in skipped[:5])})")
@@ -175,9 +182,45 @@ def generation_path(folder: Path, source: str, target: str, k: int) -> Path:
     return folder / source / f"{target}_{k}.png"
 
 
+def _digest(*arrays: np.ndarray) -> str:
+    """A short content hash of arrays (what conditions a generation)."""
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def input_keys(test: EvalSet) -> dict[str, dict[str, str]]:
+    """What conditions each cached image: per source its ArcFace embedding and aligned face (detector, recogniser
+    and photo all show there), per target its FLAME vector; rounded so that float noise does not count."""
+    return {"sources": {s.name: _digest(np.round(s.arcface, 4), s.aligned) for s in test.sources},
+            "targets": {t.name: _digest(np.round(t.exp, 5)) for t in test.targets}}
+
+
+def drop_stale(method: str, folder: Path, test: EvalSet) -> int:
+    """Delete cached images whose source or target changed since they were made (or that predate the record), so
+    they are made again, and record the current inputs first (an interrupted run leaves a consistent cache)."""
+    record = folder / "inputs.json"
+    old = json.loads(record.read_text()) if record.is_file() else {"sources": {}, "targets": {}}
+    new = input_keys(test)
+    changed = {role: {n for n, key in new[role].items() if old[role].get(n) != key} for role in new}
+    stale = [p for s in test.sources for p in sorted((folder / s.name).glob("*.png"))
+             if s.name in changed["sources"] or p.stem.rsplit("_", 1)[0] in changed["targets"]]
+    for path in stale:
+        path.unlink()
+    if stale:
+        names = sorted(changed["sources"] & {p.parent.name for p in stale}) + sorted(
+            changed["targets"] & {p.stem.rsplit("_", 1)[0] for p in stale})
+        log.warning("%s: %d cached images were made from other inputs (%s); generating them again", method,
+                    len(stale), ", ".join(names[:8]) + (" ..." if len(names) > 8 else ""))
+    record.write_text(json.dumps({r: {**old[r], **new[r]} for r in new}, indent=1, sort_keys=True))
+    return len(stale)
+
+
 def generate_missing(method: Arc2FaceMethod, test: EvalSet, folder: Path, samples: int, batch_size: int,
                      seed: int) -> int:
     """Generate the images not on disk yet (atomically, so an interrupted run leaves no half-written file)."""
+    drop_stale(method.name, folder, test)
     jobs = test.pairs(samples)
     todo = [j for j in jobs if not generation_path(folder, test.sources[j[0]].name, test.targets[j[1]].name,
                                                    j[2]).is_file()]
@@ -188,7 +231,7 @@ def generate_missing(method: Arc2FaceMethod, test: EvalSet, folder: Path, sample
     for batch in tqdm(list(chunks(todo, batch_size)), desc=f"generate {method.name}", disable=None):
         srcs, tgts = [test.sources[s] for s, _, _ in batch], [test.targets[t] for _, t, _ in batch]
         images = method.generate(np.stack([s.arcface for s in srcs]), np.stack([t.exp for t in tgts]),
-                                 [s.image for s in srcs],
+                                 [s.aligned for s in srcs],
                                  [pair_seed(seed, s.name, t.name, k) for s, t, (_, _, k) in zip(srcs, tgts, batch)])
         for (s, t, k), image in zip(batch, images):
             path = generation_path(folder, test.sources[s].name, test.targets[t].name, k)
@@ -238,7 +281,7 @@ def score_images(name: str, jobs: Jobs, test: EvalSet,
         tgt = np.stack([test.targets[t].exp for (_, t, _), _ in batch])
         err = expression_errors(faces.exp, tgt)
         values = {"id_sim": cosine_similarity(faces.arcface, np.stack([x.arcface for x in src])), **err,
-                  "bg_l1": border_l1(images, [x.image for x in src])}
+                  "bg_l1": border_l1(images, [x.aligned for x in src])}
         if faces.facenet is not None:
             values["id_sim_facenet"] = cosine_similarity(faces.facenet, np.stack([x.facenet for x in src]))
         errors.append(err["abs"][faces.found])
@@ -255,7 +298,7 @@ def real_features(cfg: Mapping[str, Any], test: EvalSet, extractor: torch.nn.Mod
     if cfg.get("real"):
         images = [i.image for i in read_images(cfg["real"], "real", [], limit=cfg.get("real_limit"))]
     else:
-        images = [s.image for s in test.sources]
+        images = [s.aligned for s in test.sources]
     return torch.cat([image_features(extractor, b, device) for b in chunks(images, batch_size)])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -84,6 +84,7 @@ class FaceReadout:
     arcface: np.ndarray  # (N, 512) unit vectors
     facenet: np.ndarray | None  # (N, 512) unit vectors, None when the cross-model check is off
     exp: np.ndarray  # (N, 55) SMIRK FLAME vectors
+    faces: list[Face | None] = field(default_factory=list)  # the detections (for alignment), None where no face
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Annotators:
                 fn[idx] = self.facenet.embed(crops)
             vectors = self.smirk.annotate([images[i] for i in idx], [faces[i] for i in idx])
             exp[idx] = np.stack([v for v in vectors if v is not None])
-        return FaceReadout(found=found, arcface=arc, facenet=fn, exp=exp)
+        return FaceReadout(found=found, arcface=arc, facenet=fn, exp=exp, faces=faces)
 
 
 def toy_origin(weights: Path) -> str | None:

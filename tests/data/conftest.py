@@ -46,7 +46,8 @@ def annotators(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real photos, one folder per subject: two single portraits, a group, a faceless image and a broken file."""
+    """Real photos, one folder per subject: two single portraits, a group, a faceless image, a broken file and a
+    thumbnail smaller than any face the builder accepts."""
     root = tmp_path_factory.mktemp("photos")
     for subject in ("eileen", "tom", "group", "nobody"):
         (root / subject).mkdir()
@@ -55,6 +56,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(INSIGHTFACE_IMAGES / "t1.jpg", root / "group" / "t1.jpg")
     shutil.copy(INSIGHTFACE_IMAGES / "mask_green.jpg", root / "nobody" / "mask.jpg")
     (root / "nobody" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    cv2.imwrite(str(root / "nobody" / "thumb.png"), cv2.resize(astronaut()[:, :, ::-1], (32, 32)))  # below min_size
     return root
 
 

@@ -71,11 +71,14 @@ def test_rejects_name_file_and_reason(photo_build: Path, photos: Path) -> None:
     assert by_name["mask.jpg"]["reason"] == "no face"
     assert by_name["broken.jpg"]["reason"] == "decode error" and by_name["broken.jpg"]["path"] == str(
         photos / "nobody" / "broken.jpg")
+    assert by_name["thumb.png"]["reason"] == "too small"  # not "no face": the detector never had a chance
+    assert by_name["thumb.png"]["detail"] == "image 32x32 px < face.min_size 40"
     assert all(r["frame"] is None and r["source"] == "photos" for r in by_name.values())
     manifest = json.loads((photo_build / "manifest.json").read_text())["sources"]["photos"]
     assert manifest["samples"] == 2 and manifest["subjects"] == {"eileen": 1, "tom": 1} and manifest["clips"] == {}
     stats = json.loads((photo_build / "stats.json").read_text())["sources"]["photos"]
-    assert stats["inputs"] == 5 and stats["rejects"] == {"no face": 1, "several faces": 1, "decode error": 1}
+    assert stats["inputs"] == 6 and stats["rejects"] == {"no face": 1, "several faces": 1, "decode error": 1,
+                                                         "too small": 1}
 
 
 def test_list_file_with_subjects_and_missing_entry(tmp_path: Path, photos: Path, annotators: Path) -> None:
@@ -168,6 +171,26 @@ def test_inputs_get_unique_safe_names(tmp_path: Path) -> None:
         (tmp_path / "sub.1" / name).write_bytes(b"")
     items = list_inputs("s", {"inputs": str(tmp_path)})
     assert [(i.subject, i.name) for i in items] == [("sub_1", "a_b"), ("sub_1", "a_b-2"), ("sub_1", "x_y")]
+
+
+def test_subjects_of_flat_folders_subfolders_and_subject_maps(tmp_path: Path) -> None:
+    for rel in ("ann.jpg", "bob.jpg", "carl/1.jpg", "carl/2.jpg", "dan.jpg"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    subjects = lambda **opts: [i.subject for i in list_inputs("s", {"inputs": str(tmp_path), **opts})]  # noqa: E731
+    assert subjects() == ["ann", "bob", "carl", "carl", "dan"]  # stills directly in the folder: one subject each
+    assert subjects(subject="parent") == [tmp_path.name] * 2 + ["carl"] * 2 + [tmp_path.name]
+    table = tmp_path / "subjects.csv"
+    table.write_text("file,subject\nann.jpg,anna\ncarl/2.jpg,anna\n")
+    assert subjects(subject_map=str(table)) == ["anna", "bob", "carl", "anna", "dan"]
+    mapping = tmp_path / "subjects.json"
+    mapping.write_text(json.dumps({"bob.jpg": "anna", "dan.jpg": "anna"}))
+    assert subjects(subject_map=str(mapping)) == ["ann", "anna", "carl", "carl", "anna"]
+    table.write_text("ann.jpg\n")
+    with pytest.raises(ValueError, match="subject_map: .*subjects.csv line 1 is not 'file,subject'"):
+        subjects(subject_map=str(table))
+    with pytest.raises(FileNotFoundError, match="subject_map: .*missing.csv does not exist"):
+        subjects(subject_map=str(tmp_path / "missing.csv"))
 
 
 def test_brace_form() -> None:

@@ -13,6 +13,8 @@ from PIL import Image
 from skimage.data import astronaut, chelsea
 
 from blendexp.evaluate import evaluate
+from blendexp.faces.align import align_ffhq
+from blendexp.faces.detect import MTCNNDetector
 from tests.conftest import run_cli
 from tests.eval.conftest import SHRINK, eval_config
 
@@ -71,9 +73,12 @@ def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny
     Image.fromarray(face).save(sources / "astronaut.png")
     Image.fromarray(chelsea()).save(sources / "cat.png")
     np.save(flame, np.stack([np.zeros(55), np.full(55, 0.1)]).astype(np.float32))
-    for target in ("exp-0", "exp-1"):  # the documented layout: <source>/<target>_<k>.png
-        (external / "astronaut").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(face).save(external / "astronaut" / f"{target}_0.png")
+    landmarks = MTCNNDetector().detect(face)[0].landmarks5
+    aligned = align_ffhq(face, landmarks, 512)  # the source face as the evaluation aligns it
+    for method, size in (("copies", 512), ("small", 48)):  # the documented layout: <source>/<target>_<k>.png
+        (external / method / "astronaut").mkdir(parents=True)
+        for target in ("exp-0", "exp-1"):
+            Image.fromarray(aligned).resize((size, size)).save(external / method / "astronaut" / f"{target}_0.png")
     run = tmp_path / "run"
     # the tiny random base (its noise has no face: detected, not taken as aligned crops) and tiny annotators including
     # the second recogniser (facenet); the sources are detected by default
@@ -81,11 +86,15 @@ def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny
                       "eval.annotators.facenet=tiny", *SHRINK, f"eval.sources.path={sources}", f"eval.targets.path={flame}",
                       "eval.targets.offset=0", "eval.targets.limit=null",
                       "eval.generation.samples=1", "eval.annotators.generated=detect", "~eval.methods.expr_adapter",
-                      "~eval.methods.expr_ref", f"+eval.methods.copies={{kind: folder, path: {external}}}")
+                      "~eval.methods.expr_ref", f"+eval.methods.copies={{kind: folder, path: {external / 'copies'}}}",
+                      f"+eval.methods.small={{kind: folder, path: {external / 'small'}}}")
     evaluate(cfg)
     results = pd.read_csv(run / "results.csv").set_index("method")
-    assert results.loc["copies", "id_sim"] == pytest.approx(1.0, abs=1e-5)  # the source image itself
-    assert results.loc["copies", "id_sim_facenet"] == pytest.approx(1.0, abs=1e-5)
+    assert results.loc["copies", "id_sim"] == pytest.approx(1.0, abs=1e-3)  # the source face itself, re-detected
+    assert results.loc["copies", "id_sim_facenet"] == pytest.approx(1.0, abs=1e-3)
+    assert results.loc["copies", "bg_l1"] == pytest.approx(0.0, abs=1e-6)  # against the aligned source, not the photo
+    grid = Image.open(run / "grids" / "grid_000.png")  # 512 px source, 48 and 64 px methods: all 64 px cells
+    assert grid.size[0] == 2 + 5 * (64 + 2)
     assert results.loc["copies", "no_face_rate"] == 0 and results.loc["copies", "images"] == 2
     assert results.loc["arc2face", "no_face_rate"] == 1.0  # tiny-base noise has no face: reported, not a crash
     assert np.isnan(results.loc["arc2face", "id_sim"])
@@ -95,6 +104,29 @@ def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny
     report = (run / "results.md").read_text()
     assert str(sources / "cat.png") in report
     assert f"**Warning**: photos of eval.sources.path={sources} read with tiny random ArcFace/SMIRK" in report
+
+
+def test_cached_images_of_changed_inputs_are_made_again(tmp_path: Path, tiny_base, tiny_annotators: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    sources, flame, run = tmp_path / "sources", tmp_path / "exp.npy", tmp_path / "run"
+    sources.mkdir()
+    Image.fromarray(astronaut()).resize((256, 256)).save(sources / "astronaut.png")
+    Image.fromarray(astronaut()[::-1, ::-1]).resize((256, 256)).save(sources / "upside_down.png")
+    np.save(flame, np.stack([np.zeros(55), np.full(55, 0.1)]).astype(np.float32))
+    common = [f"eval.base.tiny_root={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}", *SHRINK,
+              f"eval.sources.path={sources}", f"eval.targets.path={flame}", "eval.targets.offset=0",
+              "eval.targets.limit=null", "eval.generation.samples=1", "~eval.methods.expr_adapter",
+              "~eval.methods.expr_ref"]
+    evaluate(eval_config(run, *common))
+    first = _pngs(run / "generations")
+    assert len(first) == 2  # the upside-down photo has no face MTCNN finds: skipped
+    with caplog.at_level(logging.WARNING, logger="blendexp.eval.suite"):  # other detection, other embeddings
+        evaluate(eval_config(run, *common, "eval.annotators.aligned=true"))
+    again = _pngs(run / "generations")
+    assert "arc2face: 2 cached images were made from other inputs (astronaut)" in caplog.text
+    assert len(again) == 4 and all(again[p] != t for p, t in first.items())  # both regenerated, the new source added
+    evaluate(eval_config(run, *common, "eval.annotators.aligned=true"))  # unchanged inputs: nothing is touched
+    assert _pngs(run / "generations") == again
 
 
 def test_external_folder_without_the_expected_names_fails(tmp_path: Path, tiny_base, tiny_annotators: Path) -> None:
