@@ -20,7 +20,7 @@ from blendexp.faces.detect import DEFAULT_MIN_SCORE, Face, MTCNNDetector, build_
 from blendexp.faces.expression import load_smirk, prepare_smirk_input
 from blendexp.faces.identity import build_identity_encoder
 
-BUILDER_VERSION = "blendexp.data.build/1"
+BUILDER_VERSION = "blendexp.data.build/2"  # 2: subject auto; images below face.min_size are "too small"
 REASONS = ("no face", "several faces", "too small", "low score", "decode error", "unreadable")
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -212,7 +212,8 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "builder": BUILDER_VERSION,
-                                "image_size": int(cfg["face"]["size"]), "models": cfg["model_ids"], "sources": {}}
+                                "image_size": int(cfg["face"]["size"]), "models": cfg["model_ids"],
+                                "toy_models": cfg["toy_models"], "warnings": cfg["warnings"], "sources": {}}
     stats: dict[str, Any] = {"elapsed_s": round(elapsed, 2), "num_workers": cfg["num_workers"], "sources": {}}
     rejects: list[str] = []
     for source, packer in packers.items():
@@ -243,9 +244,10 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
 
 def resolve_models(cfg: dict[str, Any]) -> None:
     """Fill null annotator paths with tiny random ones (when ``tiny_annotators`` is set) and record model ids."""
-    from blendexp.faces.annotators import ensure_tiny_annotators  # torch-backed: after composition, as above
+    from blendexp.faces.annotators import describe_toy, ensure_tiny_annotators  # torch-backed: after composition
 
-    if cfg["identity"]["path"] is None or cfg["expression"]["smirk"] is None:
+    tiny = cfg["identity"]["path"] is None or cfg["expression"]["smirk"] is None
+    if tiny:
         if not cfg.get("tiny_annotators"):
             raise ValueError("identity.path and expression.smirk must name model files (or set tiny_annotators="
                              "<folder> to use tiny random ones, for tests and toy data only)")
@@ -258,12 +260,26 @@ def resolve_models(cfg: dict[str, Any]) -> None:
                                     "arcface.onnx and models/smirk/SMIRK_em1.pt (see README 'Real scale')")
     cfg["model_ids"] = {"id_model": file_id(cfg["identity"]["name"], cfg["identity"]["path"]),
                         "exp_model": file_id("smirk", cfg["expression"]["smirk"])}
+    cfg["toy_models"] = describe_toy({"tiny_root": cfg["tiny_annotators"] if tiny else None},
+                                     {"arcface": cfg["identity"]["path"], "smirk": cfg["expression"]["smirk"]})
     if cfg["latents"].get("vae"):
         weights = sorted(Path(cfg["latents"]["vae"]).glob("diffusion_pytorch_model.*"))
         if not weights:
             raise FileNotFoundError(f"latents.vae: no diffusion_pytorch_model.* in {cfg['latents']['vae']}; "
                                     "point it at an AutoencoderKL folder such as <sd15>/vae")
         cfg["model_ids"]["latents_model"] = file_id("vae", weights[0])
+
+
+def real_input_warnings(cfg: Mapping[str, Any]) -> list[str]:
+    """A warning (logged now, kept in the manifest and printed at the end) when inputs the toy preset did not render
+    are annotated with toy or tiny random ArcFace/SMIRK."""
+    from blendexp.faces.annotators import toy_warning
+
+    inputs = ", ".join(f"sources.{name}" for name in cfg["sources"])
+    warning = None if cfg.get("toy") else toy_warning(f"inputs {inputs}", cfg["toy_models"])
+    if warning:
+        log.warning(warning)
+    return [warning] if warning else []
 
 
 def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -281,6 +297,7 @@ def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         hydra.utils.call(c["toy"], _convert_="all")
     plan = plan_tasks(c)
     resolve_models(c)
+    c["warnings"] = real_input_warnings(c)
     check_plan(c, plan)
     packers = {source: ShardPacker(c, source, len(tasks)) for source, tasks in plan.items()}
     todo = [t for s, tasks in plan.items() for t in tasks if t.index >= packers[s].start[0]]

@@ -99,11 +99,8 @@ class Annotators:
     toy: str | None = None  # what the toy or tiny random instruments are, None for real weights
 
     def toy_warning(self, what: str) -> str | None:
-        """The warning for reading real photos (``what``) with toy instruments, None with real weights."""
-        if self.toy is None:
-            return None
-        return (f"{what} read with {self.toy}: they were never trained on real faces, so identity and expression "
-                f"values of real photos mean nothing; give the real weights (paths.models=<official models folder>)")
+        """The warning for reading real photos (``what``) with these instruments, None with real weights."""
+        return toy_warning(what, self.toy)
 
     def find_faces(self, images: Sequence[np.ndarray], aligned: bool = False) -> list[Face | None]:
         """Largest face per image, None where there is none (a failing detector counts as no face, never a crash);
@@ -148,6 +145,14 @@ class Annotators:
             vectors = self.smirk.annotate([images[i] for i in idx], [faces[i] for i in idx])
             exp[idx] = np.stack([v for v in vectors if v is not None])
         return FaceReadout(found=found, arcface=arc, facenet=fn, exp=exp, faces=faces)
+
+
+def toy_warning(what: str, toy: str | None) -> str | None:
+    """The warning for reading real photos (``what``) with toy instruments (``toy``), None with real weights."""
+    if toy is None:
+        return None
+    return (f"{what} read with {toy}: they were never trained on real faces, so identity and expression values of "
+            f"real photos mean nothing; give the real weights (paths.models=<official models folder>)")
 
 
 def toy_origin(weights: Path) -> str | None:

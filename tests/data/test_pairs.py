@@ -92,6 +92,8 @@ def test_toy_preset_builds_what_toy_video_data_reads(tmp_path: Path) -> None:
                                                f"paths.data={tmp_path}/data", "data.num_workers=0"]).data
     sources = result["manifest"]["sources"]
     assert set(sources) == {"stills", "videos", "val"} and sources["videos"]["clips"]
+    assert result["manifest"]["toy_models"] == f"the toy world's ArcFace/SMIRK ({REPO / 'data' / 'toy'})"
+    assert result["manifest"]["warnings"] == []  # toy renders read with toy models: nothing to warn about
     assert (tmp_path / "cache" / "toy-raw" / "videos" / "s0002" / "c00.mp4").is_file()
     dm = instantiate(data_cfg)
     dm.setup()
