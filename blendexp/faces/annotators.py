@@ -189,6 +189,9 @@ def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     generated = str(cfg.get("generated", "auto"))
     if generated not in GENERATED:
         raise ValueError(f"annotators.generated={generated!r}; choose one of {', '.join(GENERATED)}")
+    if cfg.get("detector") == "aligned":
+        raise ValueError("annotators: detector=aligned is now aligned=true (every photo is an aligned crop; shards "
+                         "always are)")
     detector: FaceDetector = AlignedFaces() if cfg.get("aligned") else build_detector(
         cfg.get("detector", "auto"), model_dir=cfg.get("detector_dir"), min_score=cfg.get("min_score"), device=device)
     return Annotators(detector=detector, arcface=arcface, facenet=facenet, generated=generated,
