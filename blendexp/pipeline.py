@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from blendexp.data.image_sets import is_shards, read_images
 from blendexp.faces.align import align_ffhq, arcface_crop
 from blendexp.faces.annotators import Annotators, build_annotators
+from blendexp.faces.landmarks import alignment_points
 from blendexp.faces.detect import ensure_rgb
 from blendexp.flame import EXP_DIM, ID_DIM, NamedExpression, check_vector, interpolate, parse_expression
 from blendexp.flame import negative_expression as negative_expression_vector
@@ -193,7 +194,7 @@ class ExpressionPipeline:
         keep its FFHQ alignment (the Reference Adapter's input)."""
         img, face, origin = self._face(image, aligned)
         embedding = self.annotators.arcface.embed(arcface_crop(img, face.landmarks5)[None])[0]
-        return FaceIdentity(embedding, align_ffhq(img, face.landmarks5, size or self.native_size), origin)
+        return FaceIdentity(embedding, align_ffhq(img, alignment_points(face), size or self.native_size), origin)
 
     def expression_from_image(self, image: np.ndarray | str | Path, aligned: bool = False) -> np.ndarray:
         """The (55,) FLAME vector SMIRK reads off the largest face of a driving image."""

@@ -6,8 +6,11 @@ largest face of the first frame with a face by IoU. Every dropped image or frame
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -19,8 +22,10 @@ from blendexp.faces.align import align_ffhq, arcface_crop
 from blendexp.faces.detect import DEFAULT_MIN_SCORE, Face, MTCNNDetector, build_detector, largest_face
 from blendexp.faces.expression import load_smirk, prepare_smirk_input
 from blendexp.faces.identity import build_identity_encoder
+from blendexp.faces.landmarks import FaceMesh, alignment_points, fork_safe, smirk_region
 
 BUILDER_VERSION = "blendexp.data.build/2"  # 2: subject auto; images below face.min_size are "too small"
+log = logging.getLogger(__name__)
 REASONS = ("no face", "several faces", "too small", "low score", "decode error", "unreadable")
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,6 +75,10 @@ class Annotator:
         self.recogniser = build_identity_encoder(cfg["identity"]["name"], cfg["identity"]["path"], device=device,
                                                  threads=threads)
         self.smirk = load_smirk(cfg["expression"]["smirk"], device=device)
+        crop = cfg["expression"].get("crop", "mesh")
+        if crop not in ("mesh", "box"):
+            raise ValueError(f"expression.crop={crop!r}; choose 'mesh' (the official SMIRK crop) or 'box'")
+        self.mesh = FaceMesh() if crop == "mesh" else None
         self.vae = None
         if cfg["latents"].get("vae"):
             from diffusers import AutoencoderKL
@@ -77,10 +86,15 @@ class Annotator:
             self.vae = AutoencoderKL.from_pretrained(cfg["latents"]["vae"]).to(device).eval()
         self.device = device
 
+    def close(self) -> None:
+        """Stop the face mesh's threads."""
+        if self.mesh is not None:
+            self.mesh.close()
+
     def run(self, task: Task) -> dict[str, Any]:
         """Annotate one task: encoded samples in input order, rejects and counts."""
         face_cfg = self.cfg["face"]
-        out: dict[str, Any] = {"samples": [], "rejects": [], "frames": 0, "face_px": []}
+        out: dict[str, Any] = {"samples": [], "rejects": [], "frames": 0, "face_px": [], "box_crops": 0}
         pending: list[dict[str, Any]] = []
         for item in task.items:
             video = {**self.cfg["video"], **self.cfg["sources"][item.source].get("video", {})}
@@ -109,6 +123,9 @@ class Annotator:
                 if reason:
                     self._reject(out, item, frame, reason, detail)
                     continue
+                if self.mesh is not None:
+                    face = self.mesh.attach(image, face)
+                    out["box_crops"] += face.dense is None  # the mesh missed it: SMIRK crops around the box
                 pending.append(self._crops(item, frame, image, face))
                 if len(pending) >= int(self.cfg["expression"]["batch_size"]):
                     self._flush(pending, out)
@@ -127,13 +144,13 @@ class Annotator:
         meta = {"source": item.source, "subject": item.subject, "clip": item.name if item.video else None,
                 "frame": frame, "path": item.rel, "bbox": [round(float(v), 1) for v in face.bbox],
                 "score": round(face.score, 4), "builder": BUILDER_VERSION, "size": int(self.cfg["face"]["size"]),
-                **self.cfg["model_ids"]}
+                "smirk_crop": "box" if face.dense is None else "mesh", **self.cfg["model_ids"]}
         if not item.video:
             meta["image"] = item.name
         return {"key": make_key(item.source, item.subject, item.name, frame), "meta": meta,
-                "aligned": align_ffhq(image, face.landmarks5, int(self.cfg["face"]["size"])),
+                "aligned": align_ffhq(image, alignment_points(face), int(self.cfg["face"]["size"])),
                 "arcface": arcface_crop(image, face.landmarks5),
-                "smirk": prepare_smirk_input(image, face.bbox, float(ex["crop_scale"]), bool(ex["swap_rb"])),
+                "smirk": prepare_smirk_input(image, smirk_region(face), float(ex["crop_scale"]), bool(ex["swap_rb"])),
                 "side": float(min(face.bbox[2] - face.bbox[0], face.bbox[3] - face.bbox[1]))}
 
     def _flush(self, pending: list[dict[str, Any]], out: dict[str, Any]) -> None:
@@ -177,8 +194,19 @@ def annotate(cfg: Mapping[str, Any], tasks: list[Task]) -> Iterator[tuple[Task, 
         return
     if int(cfg["num_workers"]) == 0:
         annotator = Annotator(cfg)
-        yield from ((t, annotator.run(t)) for t in tasks)
+        try:
+            yield from ((t, annotator.run(t)) for t in tasks)
+        finally:
+            annotator.close()
         return
-    ctx = mp.get_context(cfg["start_method"])
-    with ctx.Pool(int(cfg["num_workers"]), initializer=_init_worker, initargs=(cfg,)) as pool:
-        yield from pool.imap(_run_task, tasks, chunksize=1)
+    method = cfg["start_method"]
+    if method == "fork" and not fork_safe():  # e.g. an earlier in-process build ran the face mesh here
+        log.info("the face mesh ran in this process: workers start from a fork server instead of a fork")
+        method = "forkserver"
+    with ProcessPoolExecutor(int(cfg["num_workers"]), mp_context=mp.get_context(method), initializer=_init_worker,
+                             initargs=(cfg,)) as pool:
+        try:
+            yield from pool.map(_run_task, tasks)
+        except BrokenProcessPool as err:  # a worker killed or crashed: say so rather than wait for it forever
+            raise RuntimeError(f"a build worker process died ({err}); finished tasks are kept: run the same command "
+                               "again to resume, with num_workers=0 to see the failing input's error") from None

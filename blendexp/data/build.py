@@ -144,7 +144,7 @@ class ShardPacker:
             self.count, self.size = self.count + 1, self.size + size
         metas = [json.loads(s["json"]) for s in result["samples"]]
         report = {"task": task.index, "inputs": len(task.items), "frames": result["frames"],
-                  "rejects": result["rejects"], "face_px": result["face_px"],
+                  "rejects": result["rejects"], "face_px": result["face_px"], "box_crops": result["box_crops"],
                   "subjects": Counter(m["subject"] for m in metas),
                   "clips": Counter(f"{m['subject']}/{m['clip']}" for m in metas if m["clip"] is not None)}
         self.reports[task.index] = report
@@ -213,7 +213,8 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "builder": BUILDER_VERSION,
                                 "image_size": int(cfg["face"]["size"]), "models": cfg["model_ids"],
-                                "toy_models": cfg["toy_models"], "warnings": cfg["warnings"], "sources": {}}
+                                "toy_models": cfg["toy_models"], "warnings": cfg["warnings"],
+                                "smirk_crop": cfg["expression"].get("crop", "mesh"), "sources": {}}
     stats: dict[str, Any] = {"elapsed_s": round(elapsed, 2), "num_workers": cfg["num_workers"], "sources": {}}
     rejects: list[str] = []
     for source, packer in packers.items():
@@ -233,7 +234,8 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
             "inputs": sum(r["inputs"] for r in reports), "frames": sum(r["frames"] for r in reports),
             "samples": samples, "shards": len(urls), "bytes": sum(m["bytes"] for m in packer.markers),
             "rejects": {k: reasons[k] for k in REASONS if reasons[k]},
-            "face_px": {"min": min(px), "median": float(np.median(px)), "max": max(px)} if px else None}
+            "face_px": {"min": min(px), "median": float(np.median(px)), "max": max(px)} if px else None,
+            "smirk_box_crops": sum(r.get("box_crops", 0) for r in reports)}  # faces the mesh missed
         if not samples:
             log.warning("source %s produced no samples; see %s", source, out / "rejects.jsonl")
     write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
@@ -323,6 +325,8 @@ def main(cfg: DictConfig) -> None:
         st = result["stats"]["sources"][source]
         print(f"  {source}: {info['samples']} samples from {st['inputs']} inputs in {st['shards']} shards "
               f"{info['brace']}; rejected: {st['rejects'] or 'none'}")
+    for warning in result["manifest"]["warnings"]:
+        print(f"warning: {warning}")
 
 
 if __name__ == "__main__":

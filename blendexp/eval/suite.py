@@ -30,6 +30,7 @@ from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_me
 from blendexp.eval.metrics import Estimate, border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
 from blendexp.faces.align import align_ffhq
 from blendexp.faces.annotators import Annotators, FaceReadout, build_annotators
+from blendexp.faces.landmarks import alignment_points
 from blendexp.images import load_image
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def load_sources(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[S
             log.warning("source %s: no face detected; skipped", item.origin)
             skipped.append(Skipped("source", item.origin, "no face detected"))
             continue
-        aligned = item.image if shards else align_ffhq(item.image, face.landmarks5, ALIGNED_SIZE)  # shards: aligned
+        aligned = item.image if shards else align_ffhq(item.image, alignment_points(face), ALIGNED_SIZE)  # shards: aligned
         sources.append(Source(item.name, item.origin, item.image, aligned,
                               faces.arcface[i], None if faces.facenet is None else faces.facenet[i]))
     if not sources:

@@ -22,6 +22,7 @@ from blendexp.faces.align import arcface_crop
 from blendexp.faces.detect import Face, FaceDetector, build_detector, ensure_rgb, largest_face
 from blendexp.faces.expression import SmirkAnnotator, SmirkExpressionEncoder, load_smirk, save_smirk_checkpoint
 from blendexp.faces.identity import IdentityEncoder, build_identity_encoder, export_arcface_onnx
+from blendexp.faces.landmarks import FaceMesh
 from blendexp.flame import EXP_DIM, ID_DIM
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ WEIGHTS = ("arcface", "facenet", "smirk")
 
 
 GENERATED = ("auto", "detect", "aligned")
+SMIRK_CROPS = ("mesh", "box")  # SMIRK's crop around the face mesh (the official release's) or the detector's box
 DETECTED_FROM = 128  # px: generated images this size and up are detected (auto); smaller ones are read as aligned
 
 
@@ -97,6 +99,7 @@ class Annotators:
     smirk: SmirkAnnotator
     generated: str = "auto"
     toy: str | None = None  # what the toy or tiny random instruments are, None for real weights
+    mesh: FaceMesh | None = None  # dense landmarks for detected faces (SMIRK's crop, FFHQ alignment); None: box crop
 
     def toy_warning(self, what: str) -> str | None:
         """The warning for reading real photos (``what``) with these instruments, None with real weights."""
@@ -111,10 +114,11 @@ class Annotators:
                 faces.append(AlignedFaces().detect(image)[0])
                 continue
             try:
-                faces.append(largest_face(self.detector.detect(image)))
+                face = largest_face(self.detector.detect(image))
             except (ValueError, RuntimeError) as err:
                 log.debug("face detection failed: %s", err)
-                faces.append(None)
+                face = None
+            faces.append(face if face is None or self.mesh is None else self.mesh.attach(image, face))
         return faces
 
     def generated_aligned(self, images: Sequence[np.ndarray]) -> bool:
@@ -192,9 +196,13 @@ def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     if cfg.get("detector") == "aligned":
         raise ValueError("annotators: detector=aligned is now aligned=true (every photo is an aligned crop; shards "
                          "always are)")
+    crop = str(cfg.get("smirk_crop", "mesh"))
+    if crop not in SMIRK_CROPS:
+        raise ValueError(f"annotators.smirk_crop={crop!r}; choose one of {', '.join(SMIRK_CROPS)}")
     detector: FaceDetector = AlignedFaces() if cfg.get("aligned") else build_detector(
         cfg.get("detector", "auto"), model_dir=cfg.get("detector_dir"), min_score=cfg.get("min_score"), device=device)
+    mesh = FaceMesh() if crop == "mesh" and not cfg.get("aligned") else None
     return Annotators(detector=detector, arcface=arcface, facenet=facenet, generated=generated,
-                      toy=describe_toy(cfg, paths),
+                      toy=describe_toy(cfg, paths), mesh=mesh,
                       smirk=SmirkAnnotator(detector, smirk, swap_rb=bool(cfg.get("smirk_swap_rb", False)),
                                            batch_size=int(cfg.get("batch_size", 16))))

@@ -25,6 +25,7 @@ MODEL_LAYOUT = (
     "insightface's model zoo and Arc2Face's arcface.onnx from the FoivosPar/Arc2Face Hugging Face repo"
 )
 DEFAULT_MIN_SCORE: dict[str, float] = {"mtcnn": 0.9, "insightface": 0.5}
+MTCNN_MAX_SIDE = 1600  # px: larger photos are shrunk for MTCNN (faces the detector keeps are far above its minimum)
 
 
 @dataclass(frozen=True, eq=False)  # numpy fields: compare by identity, not element-wise
@@ -34,6 +35,7 @@ class Face:
     bbox: np.ndarray  # (4,) float32, x1 y1 x2 y2 in pixels
     score: float
     landmarks5: np.ndarray  # (5, 2) float32: left eye, right eye, nose, left mouth, right mouth (image left/right)
+    dense: np.ndarray | None = None  # (478, 2) float32 face-mesh points (landmarks.FaceMesh), where they were found
 
     @property
     def area(self) -> float:
@@ -119,12 +121,17 @@ class MTCNNDetector:
         img = ensure_rgb(image_rgb)
         if min(img.shape[:2]) < self.min_face_size:
             return []
+        scale = min(1.0, MTCNN_MAX_SIDE / max(img.shape[:2]))  # a 6000 px photo: seconds, not a minute
+        if scale < 1.0:
+            import cv2
+
+            img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         boxes, probs, points = self.model.detect(img, landmarks=True)
         if boxes is None:
             return []
         # facenet-pytorch returns object arrays under numpy 2; restack them as float arrays.
-        boxes_f = np.stack([np.asarray(b, dtype=np.float32) for b in boxes])
-        points_f = np.stack([np.asarray(p, dtype=np.float32) for p in points])
+        boxes_f = np.stack([np.asarray(b, dtype=np.float32) for b in boxes]) / scale
+        points_f = np.stack([np.asarray(p, dtype=np.float32) for p in points]) / scale
         probs_f = np.asarray(probs, dtype=np.float32)
         return _sorted_faces(boxes_f, probs_f, points_f, self.min_score)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from blendexp.checkpoints import load_weights_only
 from blendexp.faces.detect import Face, FaceDetector, ensure_rgb, largest_face
+from blendexp.faces.landmarks import smirk_region
 from blendexp.flame import EXP_DIM, EYELIDS, JAW, N_EXPRESSION
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ class SmirkAnnotator:
         device = next(self.encoder.parameters()).device
         for start in range(0, len(todo), self.batch_size):
             idx = todo[start : start + self.batch_size]
-            batch = torch.cat([prepare_smirk_input(images[i], found[i].bbox, self.scale, self.swap_rb) for i in idx])
+            batch = torch.cat([prepare_smirk_input(images[i], smirk_region(found[i]), self.scale, self.swap_rb)
+                               for i in idx])
             exp = self.encoder(batch.to(device)).cpu().numpy().astype(np.float32)
             for row, i in enumerate(idx):
                 results[i] = exp[row].copy()

@@ -21,6 +21,7 @@ from blendexp.faces.align import align_ffhq, arcface_crop
 from blendexp.faces.detect import Face, MTCNNDetector
 from blendexp.faces.expression import load_smirk, prepare_smirk_input
 from blendexp.faces.identity import ArcFaceONNX
+from blendexp.faces.landmarks import FaceMesh, alignment_points
 from blendexp.flame import EXP_DIM, ID_DIM
 from blendexp.images import write_video
 from tests.conftest import run_cli
@@ -54,14 +55,16 @@ def test_real_photos_become_contract_samples(photo_build: Path, annotators: Path
     assert s.id_emb.shape == (ID_DIM,) and abs(np.linalg.norm(s.id_emb) - 1) < 1e-5 and s.exp.shape == (EXP_DIM,)
     assert s.meta["clip"] is None and s.meta["frame"] == 0 and s.meta["path"] == "eileen/astronaut.png"
     assert s.meta["id_model"].startswith("arcface:arcface.onnx:") and s.meta["exp_model"].startswith("smirk:")
-    # The builder's vectors and crop are exactly what the annotators give on the detected face.
+    # The builder's vectors and crop are exactly what the annotators give on the detected face: FFHQ alignment and
+    # SMIRK's crop from the face mesh (the official rule), ArcFace's crop from the detector's five points.
     photo = astronaut()
-    face = MTCNNDetector(min_score=0.45).detect(photo)[0]
-    assert np.abs(s.image.astype(int) - align_ffhq(photo, face.landmarks5, 128)).mean() < 3  # JPEG only
+    face = FaceMesh().attach(photo, MTCNNDetector(min_score=0.45).detect(photo)[0])
+    assert s.meta["smirk_crop"] == "mesh" and face.dense is not None
+    assert np.abs(s.image.astype(int) - align_ffhq(photo, alignment_points(face), 128)).mean() < 3  # JPEG only
     ref_id = ArcFaceONNX(annotators / "antelopev2" / "arcface.onnx").embed(arcface_crop(photo, face.landmarks5)[None])
     assert float(ref_id[0] @ s.id_emb) > 0.9999
     with torch.no_grad():
-        ref_exp = load_smirk(annotators / "smirk" / "SMIRK_em1.pt")(prepare_smirk_input(photo, face.bbox))[0]
+        ref_exp = load_smirk(annotators / "smirk" / "SMIRK_em1.pt")(prepare_smirk_input(photo, face.dense))[0]
     np.testing.assert_allclose(s.exp, ref_exp.numpy(), atol=1e-4)
 
 
@@ -74,9 +77,15 @@ def test_rejects_name_file_and_reason(photo_build: Path, photos: Path) -> None:
     assert by_name["thumb.png"]["reason"] == "too small"  # not "no face": the detector never had a chance
     assert by_name["thumb.png"]["detail"] == "image 32x32 px < face.min_size 40"
     assert all(r["frame"] is None and r["source"] == "photos" for r in by_name.values())
-    manifest = json.loads((photo_build / "manifest.json").read_text())["sources"]["photos"]
+    full = json.loads((photo_build / "manifest.json").read_text())
+    assert full["toy_models"].startswith("tiny random ArcFace/SMIRK")  # real photos, tiny annotators: said so
+    assert full["warnings"] == [f"inputs sources.photos read with {full['toy_models']}: they were never trained on "
+                                "real faces, so identity and expression values of real photos mean nothing; give the "
+                                "real weights (paths.models=<official models folder>)"]
+    manifest = full["sources"]["photos"]
     assert manifest["samples"] == 2 and manifest["subjects"] == {"eileen": 1, "tom": 1} and manifest["clips"] == {}
     stats = json.loads((photo_build / "stats.json").read_text())["sources"]["photos"]
+    assert full["smirk_crop"] == "mesh" and stats["smirk_box_crops"] == 0  # the mesh found both faces
     assert stats["inputs"] == 6 and stats["rejects"] == {"no face": 1, "several faces": 1, "decode error": 1,
                                                          "too small": 1}
 

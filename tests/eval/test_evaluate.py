@@ -15,6 +15,7 @@ from skimage.data import astronaut, chelsea
 from blendexp.evaluate import evaluate
 from blendexp.faces.align import align_ffhq
 from blendexp.faces.detect import MTCNNDetector
+from blendexp.faces.landmarks import FaceMesh, alignment_points
 from tests.conftest import run_cli
 from tests.eval.conftest import SHRINK, eval_config
 
@@ -73,8 +74,8 @@ def test_external_baseline_faceless_source_and_no_face_rate(tmp_path: Path, tiny
     Image.fromarray(face).save(sources / "astronaut.png")
     Image.fromarray(chelsea()).save(sources / "cat.png")
     np.save(flame, np.stack([np.zeros(55), np.full(55, 0.1)]).astype(np.float32))
-    landmarks = MTCNNDetector().detect(face)[0].landmarks5
-    aligned = align_ffhq(face, landmarks, 512)  # the source face as the evaluation aligns it
+    detected = FaceMesh().attach(face, MTCNNDetector().detect(face)[0])
+    aligned = align_ffhq(face, alignment_points(detected), 512)  # the source face as the evaluation aligns it
     for method, size in (("copies", 512), ("small", 48)):  # the documented layout: <source>/<target>_<k>.png
         (external / method / "astronaut").mkdir(parents=True)
         for target in ("exp-0", "exp-1"):
