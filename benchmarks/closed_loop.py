@@ -128,7 +128,7 @@ def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path,
         f"eval.generation.samples={a.samples}", f"eval.methods.expr_adapter.adapter={expr}",
         f"eval.methods.expr_ref.ref_adapter={ref}", f"eval.methods.expr_ref.exp_adapter={expr}/export",
         f"eval.methods.expr_adapter.scale={a.expr_scale}", f"eval.methods.expr_ref.scale={a.expr_scale}",
-        "eval.annotators.tiny_root=null", "eval.annotators.facenet=null",
+        "eval.annotators.tiny_root=null", "eval.annotators.facenet=null", "eval.annotators.generated=aligned",  # toy
         f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}", *negative)
     return out / "evaluate" / name
 
