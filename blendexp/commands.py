@@ -61,8 +61,12 @@ def load_session(cfg: DictConfig) -> tuple[ExpressionPipeline, FaceIdentity, np.
     pipe: ExpressionPipeline = instantiate(cfg.pipeline)
     face = pipe.load_identity(str(cfg.identity))
     reference = None
-    if cfg.reference:
-        reference = face.image if cfg.reference_image is None else pipe.identity_from_image(str(cfg.reference_image)).image
+    if cfg.reference:  # a reference photo goes the official reference path (aligned at 512, identity re-extracted)
+        if cfg.reference_image is not None:
+            reference = pipe.reference_from_image(str(cfg.reference_image)).image
+        elif Path(str(cfg.identity)).suffix.lower() in IMAGE_EXTS:
+            face = pipe.reference_from_image(str(cfg.identity))
+        reference = face.image if reference is None else reference
     return pipe, face, reference
 
 

@@ -91,7 +91,8 @@ class DemoApp:
         try:
             settings = check_sampling(UI_NAMES, num_images=samples, seed=seed, steps=steps, guidance=guidance,
                                       expression_scale=expression_scale, reference_scale=reference_scale)
-            face = read_upload(self.pipe.identity_from_image, identity, "identity photo") or self.face
+            read = self.pipe.reference_from_image if use_reference else self.pipe.identity_from_image  # official paths
+            face = read_upload(read, identity, "identity photo") or self.face
             exp = self.expression(driving, preset_name, values)
             if use_reference and face.image is None:
                 raise ValueError("the Reference Adapter needs an identity photo")

@@ -48,6 +48,7 @@ from blendexp.models.tiny import ensure_tiny_base
 from blendexp.ranges import check_sampling
 
 log = logging.getLogger(__name__)
+REFERENCE_SIZE = 512  # px: the official reference path aligns the reference photo at this size
 
 SCHEDULERS = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "ddpm": "DDPMScheduler",
@@ -196,6 +197,15 @@ class ExpressionPipeline:
         embedding = self.annotators.arcface.embed(arcface_crop(img, face.landmarks5)[None])[0]
         return FaceIdentity(embedding, align_ffhq(img, alignment_points(face), size or self.native_size), origin)
 
+    def reference_from_image(self, image: np.ndarray | str | Path, aligned: bool = False) -> FaceIdentity:
+        """The official reference path: the photo FFHQ-aligned at 512 px from its face mesh, and the identity
+        re-extracted from that aligned face (detected again; the FFHQ template if the detector misses it)."""
+        img, face, origin = self._face(image, aligned)
+        big = align_ffhq(img, alignment_points(face), REFERENCE_SIZE)
+        again = self.annotators.find_faces([big])[0] or self.annotators.find_faces([big], aligned=True)[0]
+        embedding = self.annotators.arcface.embed(arcface_crop(big, again.landmarks5)[None])[0]
+        return FaceIdentity(embedding, align_ffhq(img, alignment_points(face), self.native_size), origin)
+
     def expression_from_image(self, image: np.ndarray | str | Path, aligned: bool = False) -> np.ndarray:
         """The (55,) FLAME vector SMIRK reads off the largest face of a driving image."""
         img, face, _ = self._face(image, aligned)
@@ -203,7 +213,7 @@ class ExpressionPipeline:
 
     def measure_expressions(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 55) SMIRK re-extraction of generated images, NaN rows where no face is found (controllability)."""
-        faces = self.annotators.find_faces(images, self.annotators.generated_aligned(images))
+        faces = self.annotators.find_faces(images, self.annotators.generated_aligned(images), generated=True)
         found = self.annotators.smirk.annotate(images, faces)
         return np.stack([np.full(EXP_DIM, np.nan, np.float32) if v is None else v for v in found])
 

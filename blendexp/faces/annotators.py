@@ -8,6 +8,7 @@ runs the real loaders end to end; their scores only check the plumbing.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from blendexp.faces.align import arcface_crop
-from blendexp.faces.detect import Face, FaceDetector, build_detector, ensure_rgb, largest_face
+from blendexp.faces.detect import Face, FaceDetector, InsightFaceDetector, build_detector, ensure_rgb, largest_face
 from blendexp.faces.expression import SmirkAnnotator, SmirkExpressionEncoder, load_smirk, save_smirk_checkpoint
 from blendexp.faces.identity import IdentityEncoder, build_identity_encoder, export_arcface_onnx
 from blendexp.faces.landmarks import FaceMesh
@@ -100,21 +101,25 @@ class Annotators:
     generated: str = "auto"
     toy: str | None = None  # what the toy or tiny random instruments are, None for real weights
     mesh: FaceMesh | None = None  # dense landmarks for detected faces (SMIRK's crop, FFHQ alignment); None: box crop
+    generated_detector: FaceDetector | None = None  # for generated images (SCRFD at the official 256 px); None: same
 
     def toy_warning(self, what: str) -> str | None:
         """The warning for reading real photos (``what``) with these instruments, None with real weights."""
         return toy_warning(what, self.toy)
 
-    def find_faces(self, images: Sequence[np.ndarray], aligned: bool = False) -> list[Face | None]:
+    def find_faces(self, images: Sequence[np.ndarray], aligned: bool = False,
+                   generated: bool = False) -> list[Face | None]:
         """Largest face per image, None where there is none (a failing detector counts as no face, never a crash);
-        ``aligned`` images (shards, declared crops) take the FFHQ template instead of detection."""
+        ``aligned`` images (shards, declared crops) take the FFHQ template instead of detection; ``generated`` ones
+        the generated images' detector."""
+        detector = (self.generated_detector or self.detector) if generated else self.detector
         faces: list[Face | None] = []
         for image in images:
             if aligned:
                 faces.append(AlignedFaces().detect(image)[0])
                 continue
             try:
-                face = largest_face(self.detector.detect(image))
+                face = largest_face(detector.detect(image))
             except (ValueError, RuntimeError) as err:
                 log.debug("face detection failed: %s", err)
                 face = None
@@ -130,12 +135,12 @@ class Annotators:
 
     def read_generated(self, images: Sequence[np.ndarray]) -> FaceReadout:
         """``read`` for a method's outputs, detected or taken as aligned as ``generated`` says."""
-        return self.read(images, aligned=self.generated_aligned(images))
+        return self.read(images, aligned=self.generated_aligned(images), generated=True)
 
-    def read(self, images: Sequence[np.ndarray], aligned: bool = False) -> FaceReadout:
+    def read(self, images: Sequence[np.ndarray], aligned: bool = False, generated: bool = False) -> FaceReadout:
         """Detect (or, ``aligned``, template), crop and embed a batch: one FaceReadout row per image."""
         n = len(images)
-        faces = self.find_faces(images, aligned)
+        faces = self.find_faces(images, aligned, generated)
         found = np.array([f is not None for f in faces], dtype=bool)
         arc = np.full((n, ID_DIM), np.nan, np.float32)
         fn = np.full((n, ID_DIM), np.nan, np.float32) if self.facenet is not None else None
@@ -178,6 +183,16 @@ def describe_toy(cfg: Mapping[str, Any], paths: Mapping[str, Any]) -> str | None
     return f"the toy world's ArcFace/SMIRK ({', '.join(sorted(roots))})" if roots else None
 
 
+def resized(detector: FaceDetector, size: int) -> FaceDetector | None:
+    """SCRFD sharing ``detector``'s weights at another input size (the official demo detects generated images at
+    256 px); None for detectors without one (MTCNN, aligned crops)."""
+    if not isinstance(detector, InsightFaceDetector):
+        return None
+    other = copy.copy(detector)
+    other.det_size = (size, size)
+    return other
+
+
 def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     """Build the configured annotators; ``tiny_root`` replaces the weight paths by tiny random files."""
     paths = {k: cfg.get(k) for k in WEIGHTS}
@@ -204,5 +219,6 @@ def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     mesh = FaceMesh() if crop == "mesh" and not cfg.get("aligned") else None
     return Annotators(detector=detector, arcface=arcface, facenet=facenet, generated=generated,
                       toy=describe_toy(cfg, paths), mesh=mesh,
+                      generated_detector=resized(detector, int(cfg.get("generated_det_size", 256))),
                       smirk=SmirkAnnotator(detector, smirk, swap_rb=bool(cfg.get("smirk_swap_rb", False)),
                                            batch_size=int(cfg.get("batch_size", 16))))

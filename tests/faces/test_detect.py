@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from blendexp.faces.annotators import build_annotators
 from blendexp.faces.detect import (
     Face,
     FaceDetector,
@@ -143,3 +144,16 @@ def test_missing_detector_files_name_the_path(tmp_path: Path) -> None:
         build_detector("insightface", model_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown face detector"):
         build_detector("dlib")
+
+
+def test_generated_images_are_detected_at_their_own_scrfd_size(fake_antelope: Path, tmp_path: Path) -> None:
+    cfg = {"tiny_root": str(tmp_path), "arcface": "x", "smirk": "x", "detector_dir": str(fake_antelope),
+           "smirk_crop": "box"}
+    default = build_annotators(cfg)
+    assert default.detector.det_size == (640, 640) and default.generated_detector.det_size == (256, 256)
+    assert default.generated_detector.model is default.detector.model  # one set of weights
+    red = np.zeros((320, 320, 3), np.uint8)
+    red[..., 0] = 255
+    same = build_annotators({**cfg, "generated_det_size": 640})  # the fake graph only takes 640 px inputs
+    assert same.read_generated([red]).found.tolist() == [True] and same.read([red]).found.tolist() == [True]
+    assert build_annotators({**cfg, "detector": "mtcnn"}).generated_detector is None  # MTCNN has no input size

@@ -58,8 +58,11 @@ def test_photos_are_detected_and_aligned_by_default(photo_pipe: ExpressionPipeli
     assert cosine(rgba.embedding, colour.embedding) >= MIN_ROTATED_COSINE
     gray = photo_pipe.identity_from_image(np.asarray(Image.fromarray(rgb).convert("L")))  # found and aligned alike
     assert np.abs(gray.image.mean(axis=2) - colour.image.mean(axis=2)).mean() <= MAX_ALIGNED_DIFF
+    reference = photo_pipe.reference_from_image(real_photos["person"])  # aligned at 512, identity re-extracted
+    assert reference.image.shape == (64, 64, 3) and np.abs(reference.image.astype(float) - person.image).mean() < 1
+    assert 0.9 < cosine(reference.embedding, person.embedding) < 1 - 1e-6  # another crop of the same face
     cat = real_photos["cat"]
-    for read in (photo_pipe.load_identity, photo_pipe.expression_from_image):
+    for read in (photo_pipe.load_identity, photo_pipe.expression_from_image, photo_pipe.reference_from_image):
         with pytest.raises(ValueError, match=f"no face found in {cat}"):
             read(cat)
 
@@ -70,7 +73,7 @@ def test_generate_reads_real_photos_with_default_settings(tmp_path: Path, real_p
     run = tmp_path / "run"
     files = generate(compose_config("generate", run, f"identity={real_photos['person']}",
                                     f"expression=[smile,{real_photos['astronaut']}]", "samples=1", "steps=2",
-                                    "threads=1"))
+                                    "threads=1", "reference=true"))  # the official reference path, untrained LoRA
     settings = json.loads((run / "settings.json").read_text())
     assert settings["identity"] == str(real_photos["person"]) and list(settings["expressions"]) == ["smile", "astronaut"]
     assert len(settings["expressions"]["astronaut"]) > 10 and len(files["images"]) == 2
