@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -128,16 +128,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_shards: Path, tiny_ba
 
 
 @pytest.mark.slow
-def test_wandb_logger_runs_offline_and_wandb_sync_accepts_it(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
+def test_wandb_logger_runs_offline_and_wandb_reads_the_run(toy_shards: Path, tiny_base, tmp_path: Path) -> None:
     res = run_cli("blendexp.train", "+experiment=expr_adapter", "logger=wandb",
                   *shard_overrides(toy_shards, tiny_base, tmp_path), "run_name=wb", "trainer.max_steps=3",
                   "trainer.log_every_n_steps=1", "callbacks.samples.every_n_steps=0")
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / "expr_adapter" / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
-    sync = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(runs[0])],
-                          capture_output=True, text=True, timeout=120)
-    assert sync.returncode == 0 and "Would sync 1 run" in sync.stdout + sync.stderr
+    # The transaction log `wandb sync` uploads, read back with wandb's own reader (listing or syncing runs needs a
+    # login in wandb 0.28): one finished run whose history holds the training loss.
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    store, kinds, keys = DataStore(), Counter(), set()
+    store.open_for_scan(str(next(runs[0].glob("run-*.wandb"))))
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kinds[record.WhichOneof("record_type")] += 1
+        if record.HasField("history"):
+            keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    assert kinds["run"] == 1 and kinds["exit"] == 1 and kinds["history"] >= 3
+    assert {"train/loss", "train/grad_norm", "trainer/global_step"} <= keys
 
 
 @pytest.mark.slow
