@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from blendexp.data import annotate
 from blendexp.data.build import build
 from tests.conftest import REPO
 from tests.data.conftest import build_config
@@ -93,3 +94,11 @@ def test_rerun_with_other_settings_needs_overwrite(tmp_path: Path, toy_videos: P
         build(build_config(tmp_path, {"clips": toy_videos}, annotators, "video.max_frames=3"))
     build(build_config(tmp_path, {"clips": toy_videos}, annotators, "video.max_frames=3", "overwrite=true"))
     assert json_samples(tmp_path) == 6
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path: Path, toy_videos: Path, annotators: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(annotate, "fork_safe", lambda: True)  # forked workers inherit the patch below
+    monkeypatch.setattr(annotate.Annotator, "run", lambda self, task: os._exit(9))  # as if killed mid-task
+    with pytest.raises(RuntimeError, match="a build worker process died .*run the same command again to resume"):
+        build(build_config(tmp_path, {"clips": toy_videos}, annotators, *SMALL_SHARDS, "num_workers=2"))
