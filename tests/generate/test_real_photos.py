@@ -56,6 +56,8 @@ def test_photos_are_detected_and_aligned_by_default(photo_pipe: ExpressionPipeli
     colour = photo_pipe.identity_from_image(rgb)
     rgba = photo_pipe.identity_from_image(np.asarray(Image.fromarray(rgb).convert("RGBA")))
     assert cosine(rgba.embedding, colour.embedding) >= MIN_ROTATED_COSINE
+    huge = photo_pipe.identity_from_image(np.asarray(Image.fromarray(rgb).resize((6000, 6000))))  # 36 megapixels
+    assert cosine(huge.embedding, colour.embedding) >= MIN_ROTATED_COSINE
     gray = photo_pipe.identity_from_image(np.asarray(Image.fromarray(rgb).convert("L")))  # found and aligned alike
     assert np.abs(gray.image.mean(axis=2) - colour.image.mean(axis=2)).mean() <= MAX_ALIGNED_DIFF
     reference = photo_pipe.reference_from_image(real_photos["person"])  # aligned at 512, identity re-extracted
