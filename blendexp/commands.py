@@ -59,15 +59,14 @@ def load_session(cfg: DictConfig) -> tuple[ExpressionPipeline, FaceIdentity, np.
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pipe: ExpressionPipeline = instantiate(cfg.pipeline)
-    face = pipe.load_identity(str(cfg.identity))
-    reference = None
-    if cfg.reference:  # a reference photo goes the official reference path (aligned at 512, identity re-extracted)
-        if cfg.reference_image is not None:
-            reference = pipe.reference_from_image(str(cfg.reference_image)).image
-        elif Path(str(cfg.identity)).suffix.lower() in IMAGE_EXTS:
-            face = pipe.reference_from_image(str(cfg.identity))
-        reference = face.image if reference is None else reference
-    return pipe, face, reference
+    # A reference photo goes the official reference path (aligned at 512 px, identity re-extracted from it).
+    own_reference = cfg.reference and cfg.reference_image is None
+    photo = Path(str(cfg.identity)).suffix.lower() in IMAGE_EXTS
+    face = pipe.reference_from_image(str(cfg.identity)) if own_reference and photo else pipe.load_identity(
+        str(cfg.identity))
+    if not cfg.reference:
+        return pipe, face, None
+    return pipe, face, face.image if own_reference else pipe.reference_from_image(str(cfg.reference_image)).image
 
 
 def sampling(cfg: DictConfig) -> dict[str, Any]:

@@ -71,11 +71,6 @@ def official_annotators(models_dir: str | Path) -> dict[str, Any]:
             "arcface": str(models / "antelopev2" / "arcface.onnx"), "smirk": str(models / "smirk" / "SMIRK_em1.pt")}
 
 
-def build_face_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
-    """The evaluation's annotators without its second recogniser; ``tiny_root`` writes tiny random ones once."""
-    return build_annotators({**cfg, "facenet": None}, device)
-
-
 def _reference_lora(spec: Any, models_dir: Path, unet: UNet2DConditionModel, workdir: Path,
                     seed: int) -> tuple[Path | None, str | None]:
     """(LoRA file or folder, label): None/False is off; True is ``<models>/ref_adapter`` or an untrained LoRA."""
@@ -167,7 +162,7 @@ class ExpressionPipeline:
     def annotators(self) -> Annotators:
         """Detector, ArcFace and SMIRK, built on first use from ``annotator_cfg``."""
         if self._annotators is None:
-            self._annotators = build_face_annotators(self.annotator_cfg, str(self.device))
+            self._annotators = build_annotators({**self.annotator_cfg, "facenet": None}, str(self.device))
         return self._annotators
 
     def set_scheduler(self, name: str) -> None:

@@ -75,10 +75,7 @@ class Annotator:
         self.recogniser = build_identity_encoder(cfg["identity"]["name"], cfg["identity"]["path"], device=device,
                                                  threads=threads)
         self.smirk = load_smirk(cfg["expression"]["smirk"], device=device)
-        crop = cfg["expression"].get("crop", "mesh")
-        if crop not in ("mesh", "box"):
-            raise ValueError(f"expression.crop={crop!r}; choose 'mesh' (the official SMIRK crop) or 'box'")
-        self.mesh = FaceMesh() if crop == "mesh" else None
+        self.mesh = FaceMesh() if cfg["expression"]["crop"] == "mesh" else None  # checked by the builder
         self.vae = None
         if cfg["latents"].get("vae"):
             from diffusers import AutoencoderKL

@@ -214,7 +214,7 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
     manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "builder": BUILDER_VERSION,
                                 "image_size": int(cfg["face"]["size"]), "models": cfg["model_ids"],
                                 "toy_models": cfg["toy_models"], "warnings": cfg["warnings"],
-                                "smirk_crop": cfg["expression"].get("crop", "mesh"), "sources": {}}
+                                "smirk_crop": cfg["expression"]["crop"], "sources": {}}
     stats: dict[str, Any] = {"elapsed_s": round(elapsed, 2), "num_workers": cfg["num_workers"], "sources": {}}
     rejects: list[str] = []
     for source, packer in packers.items():
@@ -247,6 +247,7 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
 def resolve_models(cfg: dict[str, Any]) -> None:
     """Fill null annotator paths with tiny random ones (when ``tiny_annotators`` is set) and record model ids."""
     from blendexp.faces.annotators import describe_toy, ensure_tiny_annotators  # torch-backed: after composition
+    from blendexp.faces.landmarks import check_smirk_crop
 
     tiny = cfg["identity"]["path"] is None or cfg["expression"]["smirk"] is None
     if tiny:
@@ -260,6 +261,7 @@ def resolve_models(cfg: dict[str, Any]) -> None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{what}: model file {path} does not exist; expected layout: models/antelopev2/"
                                     "arcface.onnx and models/smirk/SMIRK_em1.pt (see README 'Real scale')")
+    check_smirk_crop(cfg["expression"]["crop"], "expression.crop")  # here, before any worker process starts
     cfg["model_ids"] = {"id_model": file_id(cfg["identity"]["name"], cfg["identity"]["path"]),
                         "exp_model": file_id("smirk", cfg["expression"]["smirk"])}
     cfg["toy_models"] = describe_toy({"tiny_root": cfg["tiny_annotators"] if tiny else None},

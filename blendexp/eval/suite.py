@@ -142,8 +142,7 @@ def load_targets(cfg: Mapping[str, Any], annotators: Annotators, skipped: list[S
     """Target expressions from shards (their ``exp.npy``) or driving images (through SMIRK; faceless ones skipped)."""
     items: list[InputImage] = read_images(cfg["path"], "target", skipped, **_select(cfg))
     driving = [i for i in items if i.exp is None]
-    faces = read_faces(annotators, [i.image for i in driving], batch, "read driving images",
-                       aligned=is_shards(cfg["path"]))
+    faces = read_faces(annotators, [i.image for i in driving], batch, "read driving images")
     exps = {id(item): faces.exp[j] for j, item in enumerate(driving) if faces.found[j]}
     targets = []
     for item in items:

@@ -23,7 +23,7 @@ from blendexp.faces.align import arcface_crop
 from blendexp.faces.detect import Face, FaceDetector, InsightFaceDetector, build_detector, ensure_rgb, largest_face
 from blendexp.faces.expression import SmirkAnnotator, SmirkExpressionEncoder, load_smirk, save_smirk_checkpoint
 from blendexp.faces.identity import IdentityEncoder, build_identity_encoder, export_arcface_onnx
-from blendexp.faces.landmarks import FaceMesh
+from blendexp.faces.landmarks import FaceMesh, check_smirk_crop
 from blendexp.flame import EXP_DIM, ID_DIM
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ WEIGHTS = ("arcface", "facenet", "smirk")
 
 
 GENERATED = ("auto", "detect", "aligned")
-SMIRK_CROPS = ("mesh", "box")  # SMIRK's crop around the face mesh (the official release's) or the detector's box
 DETECTED_FROM = 128  # px: generated images this size and up are detected (auto); smaller ones are read as aligned
 
 
@@ -198,7 +197,7 @@ def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     paths = {k: cfg.get(k) for k in WEIGHTS}
     if cfg.get("tiny_root"):
         tiny = ensure_tiny_annotators(cfg["tiny_root"], facenet=bool(paths["facenet"]))
-        paths = {k: tiny.get(k) if k != "facenet" or paths[k] else None for k in WEIGHTS}  # facenet: null keeps it off
+        paths = {k: tiny.get(k) for k in WEIGHTS}  # facenet only when asked for: null keeps the check off
     for key in ("arcface", "smirk"):
         if not paths[key]:
             raise ValueError(f"eval.annotators.{key} is not set; give the weights file (or set tiny_root)")
@@ -211,9 +210,7 @@ def build_annotators(cfg: Mapping[str, Any], device: str = "cpu") -> Annotators:
     if cfg.get("detector") == "aligned":
         raise ValueError("annotators: detector=aligned is now aligned=true (every photo is an aligned crop; shards "
                          "always are)")
-    crop = str(cfg.get("smirk_crop", "mesh"))
-    if crop not in SMIRK_CROPS:
-        raise ValueError(f"annotators.smirk_crop={crop!r}; choose one of {', '.join(SMIRK_CROPS)}")
+    crop = check_smirk_crop(str(cfg.get("smirk_crop", "mesh")), "annotators.smirk_crop")
     detector: FaceDetector = AlignedFaces() if cfg.get("aligned") else build_detector(
         cfg.get("detector", "auto"), model_dir=cfg.get("detector_dir"), min_score=cfg.get("min_score"), device=device)
     mesh = FaceMesh() if crop == "mesh" and not cfg.get("aligned") else None

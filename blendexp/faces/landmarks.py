@@ -21,6 +21,7 @@ from blendexp.faces.detect import Face, ensure_rgb
 log = logging.getLogger(__name__)
 
 N_POINTS = 478
+SMIRK_CROPS = ("mesh", "box")  # SMIRK's crop around the face mesh (the official release's) or the detector's box
 # Mesh indices of the points dlib's 68-point rule (FFHQ's) averages or uses, in image order (left first): the six
 # contour points of each eye, the nose tip and the two mouth corners.
 LEFT_EYE = (33, 160, 158, 133, 153, 144)
@@ -36,6 +37,13 @@ def fork_safe() -> bool:
     """Whether processes forked from this one may run the mesh: not once a graph ran here (mediapipe leaves state
     behind, even closed, that corrupts the heap of a forked child that builds its own graph)."""
     return not _STARTED[0]
+
+
+def check_smirk_crop(crop: str, key: str) -> str:
+    """``crop`` if it names a SMIRK crop rule; else an error naming the config ``key`` and the choices."""
+    if crop not in SMIRK_CROPS:
+        raise ValueError(f"{key}={crop!r}; choose one of {', '.join(SMIRK_CROPS)}")
+    return crop
 
 
 def ffhq_points(dense: np.ndarray) -> np.ndarray:

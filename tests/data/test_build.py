@@ -232,3 +232,9 @@ def test_unreadable_folder_is_a_reject(tmp_path: Path, photos: Path, annotators:
     assert locked["path"] == str(inputs / "locked") and locked["reason"] == "unreadable"
     stats = json.loads((out / "stats.json").read_text())["sources"]["raw"]
     assert stats["inputs"] == 2 and stats["samples"] == 1 and stats["rejects"] == {"unreadable": 1}
+
+
+def test_unknown_smirk_crop_rule_fails_before_any_worker(tmp_path: Path, photos: Path, annotators: Path) -> None:
+    with pytest.raises(ValueError, match="expression.crop='dlib'; choose one of mesh, box"):
+        build(build_config(tmp_path, {"photos": photos}, annotators, "expression.crop=dlib", "num_workers=2"))
+    assert not list(tmp_path.glob("*.tar"))
