@@ -10,7 +10,7 @@ import pytest
 from skimage.transform import estimate_transform, warp
 
 from blendexp.faces.annotators import build_annotators
-from blendexp.faces.detect import Face, MTCNNDetector
+from blendexp.faces.detect import MTCNN_MAX_SIDE, Face, MTCNNDetector
 from blendexp.faces.expression import prepare_smirk_input
 from blendexp.faces.landmarks import FaceMesh, N_POINTS, alignment_points, ffhq_points, smirk_region
 
@@ -74,9 +74,13 @@ def test_annotators_use_the_mesh_for_detected_photos_only(tmp_path: Path, astron
 
 
 def test_large_photos_are_detected_at_a_bounded_size(mtcnn: MTCNNDetector, astronaut_rgb: np.ndarray,
-                                                     astronaut_face: Face) -> None:
+                                                     astronaut_face: Face, monkeypatch: pytest.MonkeyPatch) -> None:
     import cv2
 
+    seen: list[tuple[int, ...]] = []
+    detect = mtcnn.model.detect
+    monkeypatch.setattr(mtcnn.model, "detect", lambda img, **kw: seen.append(img.shape) or detect(img, **kw))
     big = cv2.resize(astronaut_rgb, (4096, 4096), interpolation=cv2.INTER_CUBIC)
     face = mtcnn.detect(big)[0]
+    assert seen == [(MTCNN_MAX_SIDE, MTCNN_MAX_SIDE, 3)]  # MTCNN itself saw a shrunk copy
     np.testing.assert_allclose(face.bbox / 8, astronaut_face.bbox, atol=4)  # found, in the big photo's pixels
