@@ -39,11 +39,10 @@ from blendexp.models.adapters import (
     adapter_pipeline,
     check_pickled_adapter,
     find_expression_adapter,
-    resolve_reference_lora,
-    untrained_reference_lora,
+    find_reference_lora,
 )
-from blendexp.models.expression_adapter import expression_embeds
-from blendexp.models.reference_adapter import DEMO_LORA_SCALE, LORA_WEIGHT_NAME, generate_with_reference
+from blendexp.models.reference_adapter import DEMO_LORA_SCALE
+from blendexp.models.sampling import sample
 from blendexp.models.tiny import ensure_tiny_base
 from blendexp.ranges import check_sampling
 
@@ -76,15 +75,7 @@ def _reference_lora(spec: Any, models_dir: Path, unet: UNet2DConditionModel, wor
     """(LoRA file or folder, label): None/False is off; True is ``<models>/ref_adapter`` or an untrained LoRA."""
     if spec is None or spec is False:
         return None, None
-    if spec is True:
-        official = models_dir / "ref_adapter" / LORA_WEIGHT_NAME
-        if official.is_file():
-            return official, str(official)
-        log.warning("no Reference Adapter in %s: using an untrained LoRA — a plumbing check, not a result",
-                    official.parent)
-        return untrained_reference_lora(unet, workdir, seed), f"untrained (seed {seed})"
-    path = resolve_reference_lora(spec)
-    return path, str(path)
+    return find_reference_lora(None if spec is True else spec, [models_dir / "ref_adapter"], unet, workdir, seed)
 
 
 def _chunks(n: int, size: int) -> list[range]:
@@ -285,17 +276,9 @@ class ExpressionPipeline:
         jobs = [(e, seeds) for e in range(len(exps)) for seeds in _chunks(num_images, batch_size)]
         out = []
         for e, seeds in tqdm(jobs, desc="generate", disable=None, leave=False):
-            exp_t = torch.from_numpy(exps[e:e + 1]).to(device, dtype)
-            call = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="np",
-                        num_images_per_prompt=len(seeds),
-                        ip_adapter_image_embeds=expression_embeds(exp_t, guidance > 1, negative),
-                        generator=[torch.Generator(device).manual_seed(seed + k) for k in seeds])
-            if self.ref_unet is None:
-                result = self.pipe(prompt_embeds=prompt, **call)
-            else:  # reference None: LoRA scale 0, plain self-attention
-                result = generate_with_reference(self.pipe, self.ref_unet, ref, prompt, lora_scale=reference_scale,
-                                                 **call)
-            out.append((result.images * 255).round().astype(np.uint8))
+            out.append(sample(self.pipe, prompt, [seed + k for k in seeds], steps=steps, guidance=guidance, size=size,
+                              exp=torch.from_numpy(exps[e:e + 1]).to(device, dtype), negative=negative,
+                              ref_unet=self.ref_unet, reference=ref, lora_scale=reference_scale))
         return np.concatenate(out)
 
     def transition(self, id_emb: np.ndarray | FaceIdentity, keyframes: Sequence[np.ndarray], frames: int = 24,

@@ -9,7 +9,6 @@ same layout under ``<run>/generations/<method>``, so one run's generations can b
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -26,16 +25,11 @@ from blendexp.models.adapters import (
     DTYPES,
     adapter_pipeline,
     find_expression_adapter,
-    resolve_adapter,
-    resolve_reference_lora,
-    untrained_reference_lora,
+    find_reference_lora,
 )
-from blendexp.models.expression_adapter import expression_embeds
-from blendexp.models.reference_adapter import generate_with_reference
+from blendexp.models.sampling import sample
 from blendexp.models.tiny import ensure_tiny_base
 from blendexp.ranges import check_sampling
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,14 +94,9 @@ class Arc2FaceMethod:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
-    def expression_embeds(self, exp: torch.Tensor) -> list[torch.Tensor]:
-        """The FLAME vectors as IP-Adapter image embeddings, the configured negative (else zeros) unconditional."""
-        return expression_embeds(exp, self.gen.guidance > 1, self.negative)
-
-    def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
-        """Run the pipeline for one batch (subclasses add their conditions)."""
-        assert self.pipe is not None
-        return self.pipe(prompt_embeds=prompt, **common)
+    def conditions(self, exp: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+        """``sample``'s inputs beyond the identity for one row (Arc2Face alone: none; subclasses add theirs)."""
+        return {}
 
     @torch.no_grad()
     def generate(self, id_emb: np.ndarray, exp: np.ndarray, sources: list[np.ndarray], seeds: list[int]
@@ -120,13 +109,11 @@ class Arc2FaceMethod:
         refs = torch.stack([torch.from_numpy(np.array(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC)))
                             for s in sources]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         exp_t = torch.from_numpy(exp).to(self.device, dtype)
-        images = []
-        for i, seed in enumerate(seeds):  # one call per row: diffusers shares precomputed IP embeds across a batch
-            out = self.call(prompt[i:i + 1].to(dtype), exp_t[i:i + 1], refs[i:i + 1].to(self.device, dtype),
-                            num_inference_steps=self.gen.steps, guidance_scale=self.gen.guidance, height=size,
-                            width=size, generator=torch.Generator(self.device).manual_seed(seed), output_type="np")
-            images.append((out.images[0] * 255).round().astype(np.uint8))
-        return images
+        common = dict(steps=self.gen.steps, guidance=self.gen.guidance, size=size)
+        # One call per row: diffusers shares precomputed IP embeds across a call.
+        return [sample(pipe, prompt[i:i + 1].to(dtype), [seed], **common,
+                       **self.conditions(exp_t[i:i + 1], refs[i:i + 1].to(self.device, dtype)))[0]
+                for i, seed in enumerate(seeds)]
 
     def close(self) -> None:
         """Free the models before the next method loads its own."""
@@ -140,17 +127,16 @@ class ExpressionAdapterMethod(Arc2FaceMethod):
 
     def build(self, base: Arc2FaceBase, workdir: Path) -> None:
         """The adapter attached by diffusers' loader, as ``ExpressionPipeline`` does (``adapter_pipeline``)."""
-        path = resolve_adapter(self.options.get("adapter"), base.unet, workdir, self.seed)
+        path, _ = find_expression_adapter(self.options.get("adapter"), None, [], base.unet, workdir, self.seed)
         self.pipe, _ = adapter_pipeline(base, DPMSolverMultistepScheduler.from_config(base.scheduler.config), path)
         self.pipe.set_ip_adapter_scale(float(self.options.get("scale", 1.0)))
 
-    def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
-        """Pass the FLAME vectors as IP-Adapter image embeddings."""
-        assert self.pipe is not None
-        return self.pipe(prompt_embeds=prompt, ip_adapter_image_embeds=self.expression_embeds(exp), **common)
+    def conditions(self, exp: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+        """The FLAME vector, with the configured negative (else zeros) for guidance."""
+        return {"exp": exp, "negative": self.negative}
 
 
-class ReferenceAdapterMethod(Arc2FaceMethod):
+class ReferenceAdapterMethod(ExpressionAdapterMethod):
     """Expression + Reference Adapter in reference mode: the source photo is also the reference image."""
 
     kind: ClassVar[str] = "expr_ref"
@@ -158,24 +144,19 @@ class ReferenceAdapterMethod(Arc2FaceMethod):
 
     def build(self, base: Arc2FaceBase, workdir: Path) -> None:
         """The pipeline's set-up (``adapter_pipeline``, DPM-Solver) with this method's adapters."""
-        ref = self.options.get("ref_adapter")
-        ref_path = None if ref is None else resolve_reference_lora(ref)
+        ref_path, _ = find_reference_lora(self.options.get("ref_adapter"), [], base.unet, workdir, self.seed,
+                                          int(self.options.get("lora_rank", 16)))
         exp_path, _ = find_expression_adapter(self.options.get("exp_adapter"), ref_path, [], base.unet, workdir,
                                               self.seed)
-        if ref_path is None:
-            log.warning("no reference adapter configured: using an untrained LoRA — a plumbing check, not a result")
-            ref_path = untrained_reference_lora(base.unet, workdir, self.seed, int(self.options.get("lora_rank", 16)))
         self.pipe, self.ref_unet = adapter_pipeline(base, DPMSolverMultistepScheduler.from_config(
             base.scheduler.config), exp_path, ref_path)
         self.pipe.set_ip_adapter_scale(float(self.options.get("scale", 1.0)))
         self.ref_unet.to(self.device)
 
-    def call(self, prompt: torch.Tensor, exp: torch.Tensor, references: torch.Tensor, **common: Any) -> Any:
-        """Reference mode: the reference UNet runs once per image on the source photo."""
-        assert self.pipe is not None and self.ref_unet is not None
-        return generate_with_reference(self.pipe, self.ref_unet, references, prompt,
-                                       lora_scale=float(self.options.get("lora_scale", 1.0)),
-                                       ip_adapter_image_embeds=self.expression_embeds(exp), **common)
+    def conditions(self, exp: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+        """Reference mode: the source photo is the reference, read at the configured LoRA scale."""
+        return {**super().conditions(exp, reference), "ref_unet": self.ref_unet, "reference": reference,
+                "lora_scale": float(self.options.get("lora_scale", 1.0))}
 
     def close(self) -> None:
         """Free the reference UNet with the pipeline."""

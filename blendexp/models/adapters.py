@@ -113,6 +113,21 @@ def resolve_reference_lora(path: str | Path) -> Path:
     return p
 
 
+def find_reference_lora(spec: str | Path | None, fallbacks: list[Path], unet: UNet2DConditionModel, workdir: Path,
+                        seed: int, rank: int = 16) -> tuple[Path, str]:
+    """(``ref`` LoRA path, label): the given file, folder or run folder, else the first fallback folder holding one
+    (``<models>/ref_adapter``), else a fresh untrained LoRA (seeded)."""
+    if spec is not None:
+        path = resolve_reference_lora(spec)
+        return path, str(path)
+    found = next((folder / LORA_WEIGHT_NAME for folder in fallbacks if (folder / LORA_WEIGHT_NAME).is_file()), None)
+    if found is not None:
+        return found, str(found)
+    log.warning("no Reference Adapter given%s: using an untrained LoRA — a plumbing check, not a result",
+                "".join(f" or in {folder}" for folder in fallbacks))
+    return untrained_reference_lora(unet, workdir, seed, rank), f"untrained (seed {seed})"
+
+
 def check_pickled_adapter(spec: str | Path | bool | None) -> None:
     """Refuse an adapter file that needs arbitrary unpickling before any base loads (the file is read twice)."""
     if isinstance(spec, (str, Path)) and Path(spec).suffix in (".bin", ".ckpt", ".pt", ".pth") and Path(spec).is_file():

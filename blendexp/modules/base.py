@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from blendexp.modules.diffusion import DiffusionModule
 
@@ -32,20 +30,6 @@ class Arc2FaceBaseModule(DiffusionModule):
         latents = self.encode_latents(batch)
         encoder_states = self.id_embeds(batch["id"].to(self.dtype), self.drop_mask("id", latents.shape[0]))
         return self.diffusion_loss(latents, lambda noisy, t: self.unet(noisy, t, encoder_states).sample)
-
-    @torch.no_grad()
-    def sample_images(self, id_emb: torch.Tensor, exp: torch.Tensor, seeds: list[int], steps: int = 20,
-                      guidance: float = 3.0, size: int = 64) -> list[np.ndarray]:
-        """One image per identity row (the base has no expression input; ``exp`` is ignored)."""
-        pipe = self.base().pipeline(DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        was_training = self.training
-        self.eval()
-        out = pipe(prompt_embeds=self.id_embeds(id_emb.to(self.device, self.dtype)), num_inference_steps=steps,
-                   guidance_scale=guidance, height=size, width=size, output_type="np",
-                   generator=[torch.Generator(self.device).manual_seed(s) for s in seeds])
-        self.train(was_training)
-        return list((out.images * 255).round().astype(np.uint8))
 
     def export(self, folder: str | Path) -> list[Path]:
         """Write a complete base in the official layout: ``models/{arc2face,encoder}`` + SD 1.5 parts."""

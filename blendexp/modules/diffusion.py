@@ -8,11 +8,14 @@ from typing import Any
 
 import lightning as L
 import torch
+import numpy as np
 import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from blendexp.models.arc2face import Arc2FaceBase, empty_prompt_embeds, id_prompt_embeds
+from blendexp.models.sampling import sample
 from blendexp.models.tiny import ensure_tiny_base
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,26 @@ class DiffusionModule(L.LightningModule):
     def base(self) -> Arc2FaceBase:
         """The (adapted) components as one object, e.g. to build a diffusers pipeline for samples."""
         return Arc2FaceBase(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler)
+
+    @torch.no_grad()
+    def sample_images(self, id_emb: torch.Tensor, exp: torch.Tensor, seeds: list[int], steps: int = 20,
+                      guidance: float = 3.0, size: int = 64, reference: torch.Tensor | None = None) -> list[np.ndarray]:
+        """One image (H, W, 3) uint8 per (identity, expression[, reference (3, H, W) in [-1, 1]]) row, from a plain
+        diffusers pipeline with DPM-Solver on the module's current weights (the sample grids)."""
+        pipe = self.base().pipeline(DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        was_training = self.training
+        self.eval()
+        prompts = self.id_embeds(id_emb.to(self.device, self.dtype))
+        images = self.sample_rows(pipe, prompts, exp.to(self.device, self.dtype), seeds, reference,
+                                  dict(steps=steps, guidance=guidance, size=size))
+        self.train(was_training)
+        return list(images)
+
+    def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],
+                    reference: torch.Tensor | None, common: dict[str, Any]) -> np.ndarray:
+        """Every identity in one call (a base has no expression input); adapters override this."""
+        return sample(pipe, prompts, seeds, **common)
 
     def trainable_names(self) -> set[str]:
         """Names of the parameters this recipe trains (the only ones a checkpoint keeps)."""

@@ -7,16 +7,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import StableDiffusionPipeline
 
 from blendexp.models.expression_adapter import (
     adapter_parameters,
     attach_expression_adapter,
-    expression_embeds,
     load_expression_adapter,
     save_expression_adapter,
     scale_adapter_input,
 )
+from blendexp.models.sampling import sample
 from blendexp.modules.diffusion import DiffusionModule
 
 
@@ -54,20 +54,8 @@ class ExpressionAdapterModule(DiffusionModule):
         """Write the adapter as ``exp_adapter.{bin,safetensors}`` for ``load_ip_adapter``."""
         return save_expression_adapter(self.unet, folder)
 
-    @torch.no_grad()
-    def sample_images(self, id_emb: torch.Tensor, exp: torch.Tensor, seeds: list[int], steps: int = 20,
-                      guidance: float = 3.0, size: int = 64) -> list[np.ndarray]:
-        """One image (H, W, 3) uint8 per (identity, expression) row, from a plain diffusers pipeline with DPM-Solver."""
-        pipe = self.base().pipeline(DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        was_training = self.training
-        self.eval()
-        prompts, exp = self.id_embeds(id_emb.to(self.device, self.dtype)), exp.to(self.device, self.dtype)
-        images = []
-        for i, seed in enumerate(seeds):  # one call per row: diffusers shares precomputed IP embeds across a batch
-            out = pipe(prompt_embeds=prompts[i:i + 1], ip_adapter_image_embeds=expression_embeds(exp[i:i + 1], guidance > 1),
-                       num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                       generator=torch.Generator(self.device).manual_seed(seed), output_type="np")
-            images.append((out.images[0] * 255).round().astype(np.uint8))
-        self.train(was_training)
-        return images
+    def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],
+                    reference: torch.Tensor | None, common: dict[str, Any]) -> np.ndarray:
+        """One call per row: diffusers hands a call's expression tokens to all of its rows."""
+        return np.concatenate([sample(pipe, prompts[i:i + 1], [seed], exp=exp[i:i + 1], **common)
+                               for i, seed in enumerate(seeds)])

@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import StableDiffusionPipeline
 
 from blendexp.models.expression_adapter import (
     adapter_parameters,
     attach_expression_adapter,
-    expression_embeds,
     load_expression_adapter,
     save_expression_adapter,
 )
@@ -24,13 +23,13 @@ from blendexp.models.reference_adapter import (
     ReferenceStore,
     add_reference_lora,
     add_reference_reader,
-    generate_with_reference,
     load_reference_lora,
     record_reference,
     reference_lora_parameters,
     reference_unet,
     save_reference_lora,
 )
+from blendexp.models.sampling import sample
 from blendexp.modules.diffusion import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -112,23 +111,9 @@ class ReferenceAdapterModule(DiffusionModule):
             files += save_expression_adapter(self.unet, folder)
         return files
 
-    @torch.no_grad()
-    def sample_images(self, id_emb: torch.Tensor, exp: torch.Tensor, seeds: list[int], steps: int = 20,
-                      guidance: float = 3.0, size: int = 64, reference: torch.Tensor | None = None) -> list[np.ndarray]:
-        """One image (H, W, 3) uint8 per (identity, expression[, reference (3, H, W) in [-1, 1]]) row, generated
-        in reference mode by a plain diffusers pipeline with DPM-Solver at the trained LoRA scale."""
-        pipe = self.base().pipeline(DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        was_training = self.training
-        self.eval()
-        prompts, exp = self.id_embeds(id_emb.to(self.device, self.dtype)), exp.to(self.device, self.dtype)
-        images = []
-        for i, seed in enumerate(seeds):  # one call per row: diffusers shares precomputed IP embeds across a batch
-            ref = None if reference is None else reference[i:i + 1].to(self.device, self.dtype)
-            out = generate_with_reference(
-                pipe, self.ref_unet, ref, prompts[i:i + 1], lora_scale=None, num_inference_steps=steps,
-                guidance_scale=guidance, ip_adapter_image_embeds=expression_embeds(exp[i:i + 1], guidance > 1),
-                height=size, width=size, generator=torch.Generator(self.device).manual_seed(seed), output_type="np")
-            images.append((out.images[0] * 255).round().astype(np.uint8))
-        self.train(was_training)
-        return images
+    def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],
+                    reference: torch.Tensor | None, common: dict[str, Any]) -> np.ndarray:
+        """One call per row in reference mode (each row's own reference, the trained LoRA scale)."""
+        refs = [None if reference is None else reference[i:i + 1].to(self.device, self.dtype) for i in range(len(seeds))]
+        return np.concatenate([sample(pipe, prompts[i:i + 1], [seed], exp=exp[i:i + 1], ref_unet=self.ref_unet,
+                                      reference=refs[i], **common) for i, seed in enumerate(seeds)])

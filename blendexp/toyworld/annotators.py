@@ -304,6 +304,7 @@ def base_id_similarity(base_dir: Path, arcface: Path, heldout: dict[str, np.ndar
     from blendexp.faces.identity import ArcFaceONNX
     from blendexp.images import image_grid
     from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
+    from blendexp.models.sampling import sample
 
     labels = heldout["labels"]
     people = np.unique(labels)[:identities]
@@ -316,12 +317,8 @@ def base_id_similarity(base_dir: Path, arcface: Path, heldout: dict[str, np.ndar
     pipe = base.pipeline(DPMSolverMultistepScheduler.from_config(base.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     prompt = id_prompt_embeds(base.text_encoder, base.tokenizer, torch.from_numpy(cond))  # (P, 77, D)
-    generated = []
-    for k in tqdm(range(samples), desc="base samples", unit="seed"):
-        gens = [torch.Generator().manual_seed(seed * 100_003 + k * len(people) + i) for i in range(len(people))]
-        out = pipe(prompt_embeds=prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                   output_type="np", generator=gens)
-        generated.append((out.images * 255).round().astype(np.uint8))
+    generated = [sample(pipe, prompt, [seed * 100_003 + k * len(people) + i for i in range(len(people))], steps=steps,
+                        guidance=guidance, size=size) for k in tqdm(range(samples), desc="base samples", unit="seed")]
     images = np.concatenate(generated)  # (samples * P, size, size, 3), identity i at rows i, P + i, ...
     sims = encoder.embed(identity_crops(images)) @ cond.T  # (samples * P, P)
     own = np.tile(np.arange(len(people)), samples)

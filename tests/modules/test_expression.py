@@ -86,3 +86,20 @@ def test_sample_rows_follow_their_own_expression(tiny_base) -> None:
     alone = module.sample_images(ids[1:], exps[1:], seeds=[0], steps=2)
     assert (both[0] != both[1]).any()
     assert (both[1] == alone[0]).all()
+
+
+def test_sample_grid_is_the_pipelines_image_of_the_export(tiny_base, tmp_path: Path) -> None:
+    # one sampling path: a training grid shows exactly what ExpressionPipeline makes from the exported adapter
+    from blendexp.pipeline import ExpressionPipeline
+
+    module = make(tiny_base)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.3)
+    module.export(tmp_path)
+    torch.manual_seed(1)
+    ids, exps = torch.randn(2, 512), torch.randn(2, 55)
+    grid = module.sample_images(ids, exps, seeds=[5, 6], steps=3, guidance=2.0)
+    pipe = ExpressionPipeline.from_pretrained(*tiny_base, expression_adapter=tmp_path)
+    for i, seed in enumerate([5, 6]):
+        assert (pipe(ids[i].numpy(), exps[i].numpy(), seed=seed, steps=3, guidance=2.0)[0] == grid[i]).all()
