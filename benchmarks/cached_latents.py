@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL
 
 from blendexp.config import REPO_ROOT
 from blendexp.modules.expression import ExpressionAdapterModule
-from goals import Round, check_args, standalone
+from goals import Round, alternating, check_args, standalone
 
 NAME = "cached_latents"
 QUICK = ["--steps", "2", "--batch", "2", "--size", "64"]
@@ -68,12 +68,9 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[
         latents = module.vae.encode(pixels).latent_dist.mean * module.vae.config.scaling_factor
     common = {"id": torch.randn(args.batch, 512), "exp": torch.randn(args.batch, 55)}
 
-    def one_round() -> Round:
-        return {"on_the_fly": step_time(module, {"pixel_values": pixels, **common}, args.steps),
-                "cached": step_time(module, {"latents": latents, **common}, args.steps),
-                "setting": f"VAE {args.vae or args.sd15}, {args.size} px, batch {args.batch}"}
-
-    return one_round
+    return alternating({"on_the_fly": lambda: step_time(module, {"pixel_values": pixels, **common}, args.steps),
+                        "cached": lambda: step_time(module, {"latents": latents, **common}, args.steps)},
+                       lambda: {"setting": f"VAE {args.vae or args.sd15}, {args.size} px, batch {args.batch}"})
 
 
 def figure(rounds: list[Round]) -> tuple[float, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,21 @@ def check_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for both sides (1: steadiest when other jobs share the cores)")
     return parser
+
+
+def alternating(sides: dict[str, Callable[[], Any]], extra: Callable[[], Round] | None = None
+                ) -> Callable[[], Round]:
+    """One round: every side timed once, in reverse order every other round, so no side always runs first (on a
+    shared 2-core machine the first and second of two identical calls differed by several percent)."""
+    turn = itertools.count()
+
+    def one_round() -> Round:
+        order = list(sides.items())
+        if next(turn) % 2:
+            order.reverse()
+        return {**{name: run() for name, run in order}, **(extra() if extra else {})}
+
+    return one_round
 
 
 def verdict(name: str, figure: float, detail: str, problems: list[str] | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from blendexp.flame import preset
 from blendexp.models.arc2face import Arc2FaceBase
 from blendexp.models.reference_adapter import DEMO_GUIDANCE, DEMO_STEPS, add_reference_lora, save_reference_lora
 from generate_overhead import both_pipelines, pipeline_args, plain_call, timed
-from goals import Round, check_args, standalone
+from goals import Round, alternating, check_args, standalone
 
 NAME = "reference_mode"
 QUICK = ["--steps", "4", "--size", "64"]
@@ -71,14 +71,13 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[
     with torch.inference_mode():
         run_api(2), run_plain(2)  # warm-up: allocator, kernels, lazy imports
 
-    @torch.inference_mode()
-    def one_round() -> Round:
+    def reference_side() -> float:
         ref_calls.clear()
-        plain_s = timed(lambda: run_plain(args.steps), args.device)[0]
-        ref_s = timed(lambda: run_api(args.steps), args.device)[0]
-        return {"plain": plain_s, "reference": ref_s, "ref_passes": len(ref_calls)}
+        return timed(lambda: run_api(args.steps), args.device)[0]
 
-    return one_round
+    return torch.inference_mode()(alternating(
+        {"plain": lambda: timed(lambda: run_plain(args.steps), args.device)[0], "reference": reference_side},
+        lambda: {"ref_passes": len(ref_calls)}))
 
 
 def figure(rounds: list[Round]) -> tuple[float, str, list[str]]:

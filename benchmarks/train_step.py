@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from blendexp.config import CONF_DIR
 from blendexp.train import build
-from goals import Round, check_args, standalone
+from goals import Round, alternating, check_args, standalone
 
 NAME = "train_step"
 QUICK = ["--steps", "8", "--warmup", "2", "model.base.tiny_root=${paths.tiny_base}", "data.batch_size=2",
@@ -104,10 +104,7 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
     """One round: a bare run, then a Trainer run (fresh model, data and optimiser each)."""
     cfg = config(args, stack.enter_context(tempfile.TemporaryDirectory()))
 
-    def one_round() -> Round:
-        return {"bare": bare_loop(cfg, args.warmup), "trainer": trainer_loop(cfg, args.warmup)}
-
-    return one_round
+    return alternating({"bare": lambda: bare_loop(cfg, args.warmup), "trainer": lambda: trainer_loop(cfg, args.warmup)})
 
 
 def figure(rounds: list[Round]) -> tuple[float, str]:

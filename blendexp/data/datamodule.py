@@ -117,7 +117,8 @@ def read_tars(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
 
 def to_tensors(sample: FaceSample) -> dict[str, Any]:
     """The batch fields of one sample: pixels (3, H, W) in [-1, 1], id (512,), exp (55,), optional latents."""
-    pixels = torch.from_numpy(np.array(sample.image, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
+    image = sample.image if sample.image.flags.writeable else np.array(sample.image)  # torch wants writable memory
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
     out: dict[str, Any] = {"pixel_values": pixels, "id": torch.from_numpy(sample.id_emb),
                            "exp": torch.from_numpy(sample.exp), "key": sample.key}
     if sample.latents is not None:

@@ -152,5 +152,5 @@ def decode_sample(raw: dict[str, Any], image_size: int | None = None) -> FaceSam
                             f"(within {NORM_TOLERANCE})", "norm")
     exp = _contract_vector(raw["exp.npy"], "exp.npy", EXP_DIM, key)
     latents = _load_npy(raw["latents.npy"], "latents.npy", key).astype(np.float32) if "latents.npy" in raw else None
-    return FaceSample(key=key, image=np.asarray(img, dtype=np.uint8), id_emb=id_emb, exp=exp, meta=meta,
+    return FaceSample(key=key, image=np.array(img, dtype=np.uint8), id_emb=id_emb, exp=exp, meta=meta,
                       latents=latents)

@@ -14,17 +14,19 @@ diffusers' format, which ``pipe.load_lora_weights(folder, adapter_name="ref")`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 
@@ -60,15 +62,19 @@ class ReferenceStore:
     """One call's reference recordings: self-attention inputs keyed by layer name, and which rows read them."""
 
     states: dict[str, torch.Tensor] = field(default_factory=dict)  # layer name -> (R, L, C)
-    read_rows: torch.Tensor | None = None  # (N,) bool over the denoising batch, R of them True; None: all N rows read
+    # (N,) bool over the denoising batch, R of them True, or a slice of R consecutive rows (CFG's conditional half,
+    # read without gathers); None: all N rows read
+    read_rows: torch.Tensor | slice | None = None
 
-    def expand(self, repeats: int = 1, read_rows: torch.Tensor | None = None) -> "ReferenceStore":
+    def expand(self, repeats: int = 1, read_rows: torch.Tensor | slice | None = None) -> "ReferenceStore":
         """These recordings for a denoising batch: each repeated ``repeats`` times (``num_images_per_prompt``
         order) and read only by ``read_rows``, checked here once rather than in every layer."""
         states = {k: v.repeat_interleave(repeats, 0) for k, v in self.states.items()} if repeats > 1 else self.states
         n = next(iter(states.values())).shape[0] if states else 0
-        if read_rows is not None and int(read_rows.sum()) != n:
-            raise ValueError(f"read_rows selects {int(read_rows.sum())} rows but the store holds {n} references")
+        selected = None if read_rows is None else (
+            read_rows.stop - read_rows.start if isinstance(read_rows, slice) else int(read_rows.sum()))
+        if selected is not None and selected != n:
+            raise ValueError(f"read_rows selects {selected} rows but the store holds {n} references")
         return ReferenceStore(states, read_rows)
 
 
@@ -106,8 +112,13 @@ class ReferenceReadProcessor(_ReferenceProcessor):
             raise ValueError(f"{self.name}: reference attention applies to unmasked self-attention only")
         ref = reference.states[self.name].to(hidden_states.dtype)
         rows = reference.read_rows
-        if rows is None or ref.shape[0] == rows.shape[0]:
+        if rows is None or ref.shape[0] == hidden_states.shape[0]:
             return self._read(attn, hidden_states, ref)
+        if isinstance(rows, slice):  # one block of reading rows: views, no gathers
+            before, after = hidden_states[:rows.start], hidden_states[rows.stop:]
+            parts = [self.inner(attn, before) if len(before) else None, self._read(attn, hidden_states[rows], ref),
+                     self.inner(attn, after) if len(after) else None]
+            return torch.cat([p for p in parts if p is not None])
         if rows.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"{self.name}: read_rows covers {rows.shape[0]} rows, the batch has {hidden_states.shape[0]}")
         # Reading rows first, each group in batch order; a sort rather than nonzero() keeps GPUs free of syncs.
@@ -229,12 +240,18 @@ def generate_with_reference(pipe: StableDiffusionPipeline, ref_unet: UNet2DCondi
     reference (LoRA scale 0, as the demo does). ``lora_scale=None`` leaves the adapter scales as they are.
     Other keyword arguments (``ip_adapter_image_embeds``, ``generator``, ...) go to the pipeline unchanged.
     """
-    if lora_scale is not None:
-        pipe.set_adapters([adapter_name], [lora_scale if reference is not None else 0.0])
     call = dict(prompt_embeds=prompt_embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                 num_images_per_prompt=num_images_per_prompt, **kwargs)
+    if reference is None and lora_scale is not None:  # LoRA off: the base weights alone, as scale 0 gives
+        pipe.unet.disable_adapters()
+        try:
+            return pipe(**call)
+        finally:
+            pipe.unet.enable_adapters()
     if reference is None:
         return pipe(**call)
+    if lora_scale is not None:
+        pipe.set_adapters([adapter_name], [lora_scale])
     if reference.shape[0] != prompt_embeds.shape[0]:
         raise ValueError(f"{reference.shape[0]} reference images for {prompt_embeds.shape[0]} prompts; pass one each")
     add_reference_reader(pipe.unet)
@@ -242,6 +259,23 @@ def generate_with_reference(pipe: StableDiffusionPipeline, ref_unet: UNet2DCondi
     rows = None
     if guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None:  # the pipeline's CFG: [uncond, cond]
         n = prompt_embeds.shape[0] * num_images_per_prompt
-        rows = torch.arange(2 * n, device=prompt_embeds.device) >= n
+        rows = slice(n, 2 * n)
     store = store.expand(num_images_per_prompt, rows)
-    return pipe(**call, cross_attention_kwargs={REFERENCE_KWARG: store})
+    with fused_lora(pipe.unet, adapter_name):
+        return pipe(**call, cross_attention_kwargs={REFERENCE_KWARG: store})
+
+
+@contextlib.contextmanager
+def fused_lora(unet: UNet2DConditionModel, adapter_name: str = ADAPTER_NAME) -> Iterator[None]:
+    """The LoRA merged into its base weights for one call (no LoRA matmuls per step), those weights restored exactly
+    afterwards (a copy, not a subtraction, which would leave rounding behind)."""
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.lora_A]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    for m in layers:
+        m.merge(adapter_names=[adapter_name])
+    try:
+        yield
+    finally:
+        for m, w in zip(layers, saved):
+            m.unmerge()
+            m.get_base_layer().weight.data.copy_(w)

@@ -19,6 +19,7 @@ from blendexp.models.reference_adapter import (
     ReferenceStore,
     add_reference_lora,
     add_reference_reader,
+    encode_reference,
     generate_with_reference,
     load_reference_lora,
     record_reference,
@@ -164,14 +165,25 @@ def test_export_runs_in_plain_diffusers_reference_mode(tiny_base, tmp_path: Path
     base_image = run(no_lora, None, lora_scale=None)
     torch.testing.assert_close(run(pipe, None), base_image)  # no reference: LoRA scale 0 is the base model
     assert not calls
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     at_08 = run(pipe, reference)
     assert calls == [1]  # once per image, not once per denoising step
+    # the LoRA is merged into the weights for the call only: restored bit for bit, so calls repeat exactly
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in weights.items())
+    assert torch.equal(run(pipe, reference), at_08)
+    # and merged it computes what the LoRA computes beside the weights at every step
+    store = record_reference(ref_unet, encode_reference(pipe.vae, reference), prompt).expand(1, slice(1, 2))
+    unmerged = pipe(prompt_embeds=prompt, num_inference_steps=4, guidance_scale=3.0, height=64, width=64,
+                    output_type="pt", ip_adapter_image_embeds=expression_embeds(torch.ones(1, 55), True),
+                    generator=torch.Generator().manual_seed(0), cross_attention_kwargs={REFERENCE_KWARG: store}).images
+    torch.testing.assert_close(at_08, unmerged, atol=1e-4, rtol=0)
+    calls.clear()
     assert (at_08 - base_image).abs().max() > 1e-3
     assert (run(pipe, reference, lora_scale=0.4) - at_08).abs().max() > 1e-3
     other = torch.rand(1, 3, 64, 64) * 2 - 1
     assert (run(pipe, other) - at_08).abs().max() > 1e-3
     two = run(pipe, reference, num_images_per_prompt=2)
-    assert two.shape[0] == 2 and calls == [1, 1, 1, 1]
+    assert two.shape[0] == 2 and calls == [1, 1, 1]
 
 
 def test_import_matches_training_unet_and_diffusers_loader(tiny_base, tmp_path: Path) -> None:
