@@ -1,6 +1,6 @@
 """Shard building with 2 worker processes against 1, on the same toy-world stills and clips.
 
-    python benchmarks/build_workers.py [--workers 2] [--subjects 6] [--repeats 3] [--check] [--quick]
+    python benchmarks/build_workers.py [--workers 2] [--subjects 12] [--repeats 3] [--check] [--quick]
 
 A first build renders the toy-world inputs and tiny random annotators into a temporary folder; then
 ``blendexp.data.build.build`` is timed end to end (planning, worker start-up, model loading, annotation, packing)
@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     """Options of this benchmark."""
     p = check_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--subjects", type=int, default=6, help="toy subjects per split (stills, videos)")
+    p.add_argument("--subjects", type=int, default=12,
+                   help="toy subjects per split (stills, videos): enough work that per-build start-up (models loaded "
+                        "in each worker, pool start) weighs as little as in a real build")
     return p
 
 

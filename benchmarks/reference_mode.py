@@ -77,7 +77,7 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> Callable[[
 
     return torch.inference_mode()(alternating(
         {"plain": lambda: timed(lambda: run_plain(args.steps), args.device)[0], "reference": reference_side},
-        lambda: {"ref_passes": len(ref_calls)}))
+        lambda: {"ref_passes": len(ref_calls)}, times=3))
 
 
 def figure(rounds: list[Round]) -> tuple[float, str, list[str]]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -45,6 +48,21 @@ def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int 
     drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if unprivileged and os.geteuid() == 0 else []
     return subprocess.run([*drop, sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+def kill_when(module: str, args: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
+    """Start ``python -m <module> <args>`` and SIGKILL it with its children (loader workers, DDP ranks) as soon as
+    ``ready()`` holds: a fault injected at a chosen point of a user's command."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.005)
+    finished = proc.poll() is not None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not finished, f"{module} ended (status {proc.returncode}) before the point where it was to be killed"
 
 
 def missed_thresholds(figures: dict[str, float], thresholds: dict[str, tuple[str, float]]) -> list[str]:

@@ -4,24 +4,20 @@ exports the same tensors, bit for bit, as an uninterrupted run of the same seed 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import kill_when, run_cli
 from tests.test_train import shard_overrides
 
 MAX_STEPS, EVERY = 9, 3
 CASES = {  # recipe and data settings; every case shuffles (buffer 8 < 24 samples) and draws shards at random
     "expr_adapter": ("+experiment=expr_adapter",),
     "expr_adapter_2_workers": ("+experiment=expr_adapter", "data.num_workers=2"),
+    "expr_adapter_ddp": ("+experiment=expr_adapter", "trainer=ddp"),  # two ranks (gloo), each with its stream
     "ref_adapter_pairs": ("+experiment=ref_adapter", "model.lora.rank=2", "model.lora.alpha=2"),
 }
 
@@ -35,16 +31,8 @@ def train_args(case: str, shards: Path, tiny: tuple[Path, Path], out: Path, run:
 
 def kill_after_first_checkpoint(args: list[str], ckpts: Path) -> int:
     """Start training, SIGKILL it as soon as a checkpoint and last.ckpt exist; the step last.ckpt holds."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "blendexp.train", *args], cwd=REPO, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (ckpts / f"epoch=0-step={EVERY}.ckpt").exists() and (ckpts / "last.ckpt").exists():
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers
-    proc.wait()
+    kill_when("blendexp.train", args,
+              lambda: (ckpts / f"epoch=0-step={EVERY}.ckpt").exists() and (ckpts / "last.ckpt").exists())
     return torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
 
 

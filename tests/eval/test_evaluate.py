@@ -16,7 +16,7 @@ from blendexp.evaluate import evaluate
 from blendexp.faces.align import align_ffhq
 from blendexp.faces.detect import MTCNNDetector
 from blendexp.faces.landmarks import FaceMesh, alignment_points
-from tests.conftest import run_cli
+from tests.conftest import kill_when, run_cli
 from tests.eval.conftest import SHRINK, eval_config
 
 
@@ -175,3 +175,26 @@ def test_official_preset_evaluates_the_released_checkpoints(tmp_path: Path) -> N
     assert cfg.eval.annotators.arcface == "/weights/models/antelopev2/arcface.onnx"
     assert cfg.eval.base.tiny_root is None and cfg.eval.annotators.tiny_root is None
     assert cfg.eval.fid.extractor == "inception" and cfg.run_name == "official"
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_to_the_same_results(tmp_path: Path, tiny_base, tiny_annotators: Path) -> None:
+    # kill -9 while the second method generates; the same command again reuses every finished image (none is
+    # half-written) and ends with the uninterrupted run's table
+    common = [f"paths.tiny_base={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}", *SHRINK,
+              "~eval.methods.expr_ref"]
+    full = run_cli("blendexp.evaluate", f"paths.outputs={tmp_path / 'full'}", *common)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "killed" / "evaluate" / "default"
+    second = run / "generations" / "expr_adapter"
+    kill_when("blendexp.evaluate", [f"paths.outputs={tmp_path / 'killed'}", *common],
+              lambda: len(list(second.rglob("*.png"))) >= 3)
+    made = {p: t for p, t in _pngs(run / "generations").items() if not p.name.endswith(".partial.png")}
+    assert 0 < len(made) < 2 * 18 and not (run / "results.csv").exists()
+
+    again = run_cli("blendexp.evaluate", f"paths.outputs={tmp_path / 'killed'}", *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in made.items())  # finished images were not made again
+    assert not list(run.rglob("*.partial.png"))  # an image cut short by the kill was made again in full
+    want = pd.read_csv(tmp_path / "full" / "evaluate" / "default" / "results.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(run / "results.csv"), want)
