@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from blendexp.faces.identity import IdentityEncoder
 from blendexp.flame import COMPONENT_NAMES, EXP_DIM, MAPPED_COMPONENTS
 from blendexp.toyworld.autoencoder import to_pixels
 from blendexp.toyworld.fitting import fit
+from blendexp.toyworld.recipes import ExpressionTraining, IdentityTraining
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +131,6 @@ class ToyFaceNet(nn.Module):
         return self.head(self.body(x))
 
 
-@dataclass(frozen=True)
-class IdentityTraining:
-    """How the toy recogniser is trained (CosFace margin softmax over the training identities)."""
-
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    width: int = 16
-    margin: float = 0.3  # CosFace's additive cosine margin
-    scale: float = 24.0  # logit scale of the normalised cosines
-    small_p: float = 0.5  # share of training images first shrunk to 64 px
-
-
 def train_identity_encoder(images: np.ndarray, labels: np.ndarray, cfg: IdentityTraining,
                            seed: int) -> ToyFaceNet:  # fmt: skip
     """Fit ToyFaceNet with a margin softmax so same-identity crops cluster whatever the expression and photo."""
@@ -216,21 +202,6 @@ def identity_metrics(encoder: IdentityEncoder, images: np.ndarray, labels: np.nd
 
 
 # ------------------------------------------------------------------------------------------------- expression
-@dataclass(frozen=True)
-class ExpressionTraining:
-    """How the SMIRK-architecture encoder is trained (range-scaled MSE on the 55 values). From scratch it predicts
-    the mean for the first ~700 steps before it starts to read expressions, hence the long default."""
-
-    steps: int = 2000
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    decoded_p: float = 0.4  # share of training faces replaced by their 64 px toy-VAE round trip
-    blur_p: float = 0.2  # share shrunk to 64 px and blurred
-    blur_sigma: tuple[float, float] = (0.5, 1.5)
-    small_p: float = 0.3  # of the remaining faces, share shrunk to 64 px
-
-
 def _raw_flame(model: SmirkExpressionEncoder, x: torch.Tensor) -> torch.Tensor:
     """(N, 55) head outputs before SMIRK's clamps, so training never sits in a clamp's zero-gradient region.
 

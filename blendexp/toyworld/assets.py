@@ -36,8 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blendexp.config import CONF_DIR, REPO_ROOT
-from blendexp.toyworld.annotators import ExpressionTraining, IdentityTraining
-from blendexp.toyworld.autoencoder import VaeTraining
+from blendexp.toyworld.recipes import BaseTraining, ExpressionTraining, IdentityTraining, VaeTraining
 from blendexp.toyworld.params import sample_expression, sample_identity, sample_nuisance
 from blendexp.toyworld.render import render_face
 
@@ -47,20 +46,6 @@ DEFAULT_ROOT = REPO_ROOT / ".cache" / "toy"
 ARCFACE = Path("annotators/antelopev2/arcface.onnx")
 SMIRK = Path("annotators/smirk/SMIRK_em1.pt")
 TOY_ID_MODEL = "toyworld-toyfacenet-arcface-onnx"
-
-
-@dataclass(frozen=True)
-class BaseTraining:
-    """Overrides for ``+experiment=toy_base`` plus how the trained base is measured."""
-
-    steps: int = 6000
-    batch_size: int = 32
-    lr: float = 1e-3
-    overrides: tuple[str, ...] = ()  # any further Hydra overrides
-    eval_identities: int = 48  # held-out identities the base generates
-    eval_samples: int = 2  # seeds per identity
-    eval_steps: int = 20  # DPM-Solver steps
-    eval_guidance: float = 3.0
 
 
 @dataclass(frozen=True)

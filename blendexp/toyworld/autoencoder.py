@@ -9,7 +9,6 @@ see unit-variance latents without any toy-specific code.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from diffusers import AutoencoderKL
 from blendexp.images import to_uint8
 from blendexp.models.tiny import tiny_vae
 from blendexp.toyworld.fitting import fit
+from blendexp.toyworld.recipes import VaeTraining
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +26,6 @@ log = logging.getLogger(__name__)
 def toy_vae(width: int = 16, latent_channels: int = 4) -> AutoencoderKL:
     """The tiny base's AutoencoderKL shape (SD's 8x downsampling), ``width`` channels wide."""
     return tiny_vae(latent_channels, (width, 2 * width, 2 * width, 2 * width))
-
-
-@dataclass(frozen=True)
-class VaeTraining:
-    """How the toy VAE is trained: pixel MSE plus a small KL term (SD's VAE also keeps the KL weight tiny)."""
-
-    steps: int = 2500
-    batch_size: int = 16
-    lr: float = 2e-3
-    kl_weight: float = 1e-6
-    width: int = 32  # 16 gave 21 dB round trips that erase eyelids and mouth corners
-    latent_channels: int = 16  # SD3-like; 4 (SD 1.5's) kept too little of a 64 px face: 24.7 dB, jaw read 0.46x
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
