@@ -13,9 +13,6 @@ from typing import Callable
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# The two longest files (the quick toy build, the reduced closed loop: minutes each) start first, so with one worker
-# per core each runs beside the rest of the suite instead of after it.
-LONGEST_FIRST = ("tests/toyworld/test_assets.py", "tests/eval/test_closed_loop.py")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -23,12 +20,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # (two OpenMP threads per worker on two cores spin against each other: the quick build took 3x its time).
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the longest files first (a stable sort: the rest keeps its order)."""
-    items.sort(key=lambda item: next((i for i, path in enumerate(LONGEST_FIRST) if item.nodeid.startswith(path)),
-                                     len(LONGEST_FIRST)))
 
 
 @pytest.fixture(scope="session")
