@@ -7,8 +7,8 @@ import logging
 from typing import Any
 
 import lightning as L
-import torch
 import numpy as np
+import torch
 import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
