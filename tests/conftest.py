@@ -13,6 +13,10 @@ from typing import Callable
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The two longest files (the quick toy build, the reduced closed loop: minutes each) start first, one per worker, so
+# each runs beside the rest of the suite instead of after it (pyproject's --no-loadscope-reorder keeps this order:
+# xdist otherwise hands out the files with the most tests first).
+LONGEST_FIRST = ("tests/toyworld/test_assets.py", "tests/eval/test_closed_loop.py")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -20,6 +24,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # (two OpenMP threads per worker on two cores spin against each other: the quick build took 3x its time).
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the longest files first (a stable sort: the rest keeps its order)."""
+    items.sort(key=lambda item: next((i for i, path in enumerate(LONGEST_FIRST) if item.nodeid.startswith(path)),
+                                     len(LONGEST_FIRST)))
 
 
 @pytest.fixture(scope="session")
