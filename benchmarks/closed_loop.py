@@ -126,7 +126,7 @@ def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path,
         f"eval.targets.path={shards}/val-*.tar", "eval.targets.per_subject=null", "eval.targets.offset=0",
         f"eval.targets.limit={a.targets}", f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
         f"eval.generation.samples={a.samples}", f"eval.methods.expr_adapter.adapter={expr}",
-        f"eval.methods.expr_ref.ref_adapter={ref}", f"eval.methods.expr_ref.exp_adapter={expr}/export",
+        f"eval.methods.expr_ref.ref_adapter={ref}", f"eval.methods.expr_ref.exp_adapter={expr}",
         f"eval.methods.expr_adapter.scale={a.expr_scale}", f"eval.methods.expr_ref.scale={a.expr_scale}",
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null", "eval.annotators.generated=aligned",  # toy
         f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}", *negative)
@@ -191,7 +191,7 @@ def main() -> None:
     # clip frames pair within their clip; the held-out stills (validation) pair within their subject
     ref = train("ref_adapter", out, toy, data, a.ref_steps, a, f"data.batch_size={a.batch_size}",
                 f"data.sources.stills.shards={data}/clips/clips-*.tar", "data.pairs.stills=true",
-                f"model.expression_adapter={expr}/export")
+                f"model.expression_adapter={expr}")
     report = evaluate(out, toy, data, expr, ref, a)
     result = {"expr_scale": a.expr_scale, "negative_expression": a.negative_expression, "seed": a.seed,
               **summarise(report, readable_components(toy))}

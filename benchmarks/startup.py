@@ -19,7 +19,8 @@ from blendexp.config import REPO_ROOT
 
 HYDRA = ["blendexp.train", "blendexp.evaluate", "blendexp.generate", "blendexp.demo", "blendexp.controllability",
          "blendexp.data.build"]
-ARGPARSE = ["blendexp.report", "blendexp.toyworld.shards", "blendexp.models.tiny", "blendexp.toyworld.assets"]
+ARGPARSE = ["blendexp.report", "blendexp.toyworld.shards", "blendexp.models.tiny", "blendexp.models.full_size",
+            "blendexp.toyworld.assets"]
 GOAL_S = 3.0
 
 

@@ -1,10 +1,11 @@
-"""Reading PyTorch checkpoint files without ever unpickling arbitrary objects (``torch.load(weights_only=True)``)."""
+"""Reading PyTorch checkpoint files without ever unpickling arbitrary objects (``torch.load(weights_only=True)``), and
+finding an adapter's folder in the layouts users hand over."""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,3 +23,13 @@ def refused(path: str | Path) -> ValueError:
     """The one-line error for a checkpoint that ``torch.load(weights_only=True)`` would not read."""
     return ValueError(f"{path} is not a weights-only checkpoint (it needs arbitrary unpickling, refused for safety); "
                       f"give a safetensors file or a checkpoint of tensors")
+
+
+def adapter_folder(path: Path, subdir: str, holds: Callable[[Path], bool]) -> Path | None:
+    """The folder at or under ``path`` that ``holds`` an adapter: ``path`` itself, ``<subdir>``, ``models/<subdir>``
+    (an official models folder), ``export/models/<subdir>`` (a training run) or ``export/`` (runs before the
+    official layout); None if none does."""
+    for folder in (path, path / subdir, path / "models" / subdir, path / "export" / "models" / subdir, path / "export"):
+        if folder.is_dir() and holds(folder):
+            return folder
+    return None

@@ -15,9 +15,8 @@ from tests.conftest import REPO
 
 HYDRA_ENTRY_POINTS = ["blendexp.train", "blendexp.evaluate", "blendexp.generate", "blendexp.demo",
                       "blendexp.controllability", "blendexp.data.build"]
-ARGPARSE_ENTRY_POINTS = ["blendexp.report", "blendexp.toyworld.shards", "blendexp.models.tiny"]
-# The toy-world builder's step settings are its trainers' dataclasses (torch modules): its --help loads torch.
-TOY_WORLD_BUILDER = "blendexp.toyworld.assets"
+ARGPARSE_ENTRY_POINTS = ["blendexp.report", "blendexp.toyworld.shards", "blendexp.models.tiny",
+                         "blendexp.models.full_size", "blendexp.toyworld.assets"]
 HEAVY = ("torch", "lightning", "diffusers", "transformers")
 # Runs the module as `python -m` does, then reports (at exit, also after argparse's SystemExit) the heavy libraries
 # that were imported.
@@ -60,7 +59,7 @@ def console_scripts() -> dict[str, str]:
 
 def test_every_entry_point_has_a_console_script() -> None:
     modules = {target.split(":")[0] for target in console_scripts().values()}
-    assert modules == set(HYDRA_ENTRY_POINTS + ARGPARSE_ENTRY_POINTS + [TOY_WORLD_BUILDER])
+    assert modules == set(HYDRA_ENTRY_POINTS + ARGPARSE_ENTRY_POINTS)
     assert all(name.startswith("blendexp-") for name in console_scripts())
 
 

@@ -65,7 +65,8 @@ def test_overfits_fixed_batch_and_exports(toy_shards: Path, tiny_base, tmp_path:
     assert missed_thresholds(overfit_figures(run), THRESHOLDS) == []
     for line in ("checkpoint:", "exported:", "samples:", "logs:"):
         assert line in res.stdout
-    assert (run / "export" / "exp_adapter.bin").is_file() and (run / "export" / "exp_adapter.safetensors").is_file()
+    official = run / "export" / "models" / "exp_adapter"  # as the official demo reads it: models/exp_adapter/
+    assert (official / "exp_adapter.bin").is_file() and (official / "exp_adapter.safetensors").is_file()
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000060.png", "step_000100.png"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 100

@@ -38,7 +38,7 @@ def kill_after_first_checkpoint(args: list[str], ckpts: Path) -> int:
 
 def exported(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every exported safetensors file, named ``file/key``."""
-    files = sorted((run_dir / "export").glob("*.safetensors"))
+    files = sorted((run_dir / "export").rglob("*.safetensors"))
     assert files, f"nothing exported in {run_dir}"
     return {f"{f.name}/{k}": v for f in files for k, v in load_file(f).items()}
 

@@ -76,7 +76,7 @@ def test_wheel_trains_five_steps_from_an_unrelated_folder(installed: Path, tmp_p
     assert res.returncode == 0, res.stderr[-3000:]
     assert "blendexp: finished at step 5" in res.stdout
     run_dir = tmp_path / "outputs" / "expr_adapter" / "five"
-    assert (run_dir / "result.json").is_file() and any((run_dir / "export").glob("exp_adapter.*"))
+    assert (run_dir / "result.json").is_file() and any((run_dir / "export").rglob("exp_adapter.*"))
 
 
 def test_wheel_without_the_embedded_data_names_what_is_missing(installed: Path, tmp_path: Path) -> None:

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 from diffusers import SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 
-from blendexp.checkpoints import load_weights_only
+from blendexp.checkpoints import adapter_folder, load_weights_only
 from blendexp.flame import EXP_DIM
 from blendexp.models.arc2face import Arc2FaceBase
 from blendexp.models.expression_adapter import (
+    EXPORT_DIR,
     WEIGHT_NAME,
     attach_expression_adapter,
     fold_input_scale,
+    has_adapter,
     save_expression_adapter,
 )
 from blendexp.models.reference_adapter import (
@@ -29,6 +31,8 @@ from blendexp.models.reference_adapter import (
     LORA_WEIGHT_NAME,
     add_reference_lora,
     add_reference_reader,
+    has_lora,
+    lora_file,
     reference_unet,
     save_reference_lora,
 )
@@ -38,19 +42,18 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def has_adapter(folder: Path) -> bool:
-    """True for a folder holding ``exp_adapter.safetensors`` or ``.bin``."""
-    return any((folder / f"{WEIGHT_NAME}.{ext}").is_file() for ext in ("safetensors", "bin"))
-
-
 def _checkpoint_state(path: Path, unet: UNet2DConditionModel) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes)."""
+    """The UNet weights of a blendexp Lightning checkpoint and the adapter shape they imply (read off the shapes;
+    the recorded ``adapter.projection`` tells the "Full" form from a 1-token, width-1 mlp, which has its shapes)."""
     ckpt = load_weights_only(path)
+    hp = ckpt.get("hyper_parameters", {}).get("adapter") or {}
     state = {k.removeprefix("unet."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("unet.")}
-    state = fold_input_scale(state, (ckpt.get("hyper_parameters", {}).get("adapter") or {}).get("input_scale"))
+    state = fold_input_scale(state, hp.get("input_scale"))
     proj, cross = "encoder_hid_proj.image_projection_layers.0.", unet.config.cross_attention_dim
     if proj + "image_embeds.weight" in state:
         return state, {"projection": "linear", "num_tokens": state[proj + "image_embeds.weight"].shape[0] // cross}
+    if proj + "ff.net.0.proj.weight" in state and hp.get("projection") == "full":
+        return state, {"projection": "full", "num_tokens": 1}
     if proj + "ff.net.0.proj.weight" in state:
         return state, {"projection": "mlp", "num_tokens": state[proj + "ff.net.2.weight"].shape[0] // cross,
                        "mult": state[proj + "ff.net.0.proj.weight"].shape[0] // EXP_DIM}
@@ -73,8 +76,9 @@ def export_checkpoint_adapter(path: Path, unet: UNet2DConditionModel, folder: Pa
 
 
 def resolve_adapter(path: str | None, unet: UNet2DConditionModel, workdir: Path, seed: int) -> Path:
-    """An Expression Adapter file or folder that ``load_ip_adapter`` reads, from any accepted form:
-    a run folder (its ``export/``), an export folder, an adapter file, a ``.ckpt``, or None (a fresh, untrained one)."""
+    """An Expression Adapter file or folder that ``load_ip_adapter`` reads, from any accepted form: a run folder,
+    its ``export/``, a ``models/`` or ``exp_adapter/`` folder, an adapter file, a ``.ckpt``, or None (a fresh,
+    untrained one)."""
     if path is None:
         log.warning("no expression adapter configured: using a freshly initialised (untrained) one — a plumbing "
                     "check, not a result")
@@ -86,12 +90,14 @@ def resolve_adapter(path: str | None, unet: UNet2DConditionModel, workdir: Path,
     p = Path(path)
     if p.is_file() and p.suffix == ".ckpt":
         return export_checkpoint_adapter(p, unet, workdir / "_weights" / f"ckpt_{p.stem}")
-    if p.is_file() or (p.is_dir() and has_adapter(p)):
+    if p.is_file():
         return p
-    if p.is_dir() and has_adapter(p / "export"):
-        return p / "export"
-    raise FileNotFoundError(f"expression adapter not found at {p}; give a training run folder, its export/ folder, "
-                            f"an {WEIGHT_NAME}.safetensors/.bin file (e.g. <models>/exp_adapter) or a .ckpt")
+    folder = adapter_folder(p, EXPORT_DIR, has_adapter)
+    if folder is None:
+        raise FileNotFoundError(f"expression adapter not found at {p}; give a training run folder, its export/ "
+                                f"folder, a models/ folder, an {EXPORT_DIR}/ folder or {WEIGHT_NAME}.safetensors/.bin "
+                                f"file (e.g. <models>/{EXPORT_DIR}) or a .ckpt")
+    return folder
 
 
 def untrained_reference_lora(unet: UNet2DConditionModel, workdir: Path, seed: int, rank: int = 16) -> Path:
@@ -102,25 +108,14 @@ def untrained_reference_lora(unet: UNet2DConditionModel, workdir: Path, seed: in
     return save_reference_lora(scratch, workdir / "_weights" / "untrained_ref_adapter")
 
 
-def resolve_reference_lora(path: str | Path) -> Path:
-    """A ``ref`` LoRA file or the folder holding one, from a file, a folder or a ref_adapter training run folder."""
-    p = Path(path)
-    if (p / "export" / LORA_WEIGHT_NAME).is_file():  # a training run folder
-        p = p / "export"
-    if not (p.is_file() or (p / LORA_WEIGHT_NAME).is_file()):
-        raise FileNotFoundError(f"reference adapter not found at {p}; give a {LORA_WEIGHT_NAME} file, a folder "
-                                f"holding one (e.g. <models>/ref_adapter) or a ref_adapter training run folder")
-    return p
-
-
 def find_reference_lora(spec: str | Path | None, fallbacks: list[Path], unet: UNet2DConditionModel, workdir: Path,
                         seed: int, rank: int = 16) -> tuple[Path, str]:
     """(``ref`` LoRA path, label): the given file, folder or run folder, else the first fallback folder holding one
     (``<models>/ref_adapter``), else a fresh untrained LoRA (seeded)."""
     if spec is not None:
-        path = resolve_reference_lora(spec)
+        path = lora_file(spec)
         return path, str(path)
-    found = next((folder / LORA_WEIGHT_NAME for folder in fallbacks if (folder / LORA_WEIGHT_NAME).is_file()), None)
+    found = next((folder / LORA_WEIGHT_NAME for folder in fallbacks if has_lora(folder)), None)
     if found is not None:
         return found, str(found)
     log.warning("no Reference Adapter given%s: using an untrained LoRA — a plumbing check, not a result",
@@ -136,11 +131,13 @@ def check_pickled_adapter(spec: str | Path | bool | None) -> None:
 
 def find_expression_adapter(spec: str | Path | None, ref: Path | None, fallbacks: list[Path],
                             unet: UNet2DConditionModel, workdir: Path, seed: int) -> tuple[Path, str]:
-    """(adapter path, label): the given one, else the one trained with the ``ref`` LoRA (beside it), else the first
-    fallback folder holding one (``<models>/exp_adapter``), else a fresh untrained adapter (seeded)."""
+    """(adapter path, label): the given one, else the one trained with the ``ref`` LoRA (beside it: the same folder
+    or its sibling ``exp_adapter/``), else the first fallback folder holding one (``<models>/exp_adapter``), else a
+    fresh untrained adapter (seeded)."""
     if spec is not None:
         return resolve_adapter(str(spec), unet, workdir, seed), str(spec)
-    for folder in ([ref if ref.is_dir() else ref.parent] if ref else []) + fallbacks:
+    beside = [] if ref is None else [ref if ref.is_dir() else ref.parent]
+    for folder in beside + [b.parent / EXPORT_DIR for b in beside] + fallbacks:
         try:
             path = resolve_adapter(str(folder), unet, workdir, seed)
         except FileNotFoundError:

@@ -1,10 +1,11 @@
 """Expression Adapter: the 55-d FLAME vector → K tokens → decoupled (IP-Adapter) cross-attention.
 
 Built from diffusers' own parts: the projection is ``ImageProjection`` (the plain IP-Adapter format, always
-4 tokens) or ``IPAdapterFaceIDImageProjection`` (an MLP, any token count), wrapped in
-``MultiIPAdapterImageProjection`` as ``unet.encoder_hid_proj``; every cross-attention gets
-``IPAdapterAttnProcessor2_0`` with ``to_k_ip``/``to_v_ip`` initialised from its ``to_k``/``to_v``. The saved
-``{"image_proj", "ip_adapter"}`` dict is what ``StableDiffusionPipeline.load_ip_adapter`` converts.
+4 tokens), ``IPAdapterFaceIDImageProjection`` (an MLP, any token count) or ``IPAdapterFullImageProjection`` (the
+"Full" MLP, one token), wrapped in ``MultiIPAdapterImageProjection`` as ``unet.encoder_hid_proj``; every
+cross-attention gets ``IPAdapterAttnProcessor2_0`` with ``to_k_ip``/``to_v_ip`` initialised from its ``to_k``/``to_v``.
+The saved ``{"image_proj", "ip_adapter"}`` dict is what ``StableDiffusionPipeline.load_ip_adapter`` converts, and
+checkpoints are read back through that same converter.
 
 FLAME groups differ ~10x in magnitude (SMIRK: expression coefficients about +-3, eyelids 0..1, jaw pose a few tenths
 of a radian), so with Adam's per-weight step the jaw's projection columns learn ~10x slower than the rest. An
@@ -22,19 +23,25 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
-from diffusers.models.embeddings import ImageProjection, IPAdapterFaceIDImageProjection, MultiIPAdapterImageProjection
+from diffusers.models.embeddings import (
+    ImageProjection,
+    IPAdapterFaceIDImageProjection,
+    IPAdapterFullImageProjection,
+    MultiIPAdapterImageProjection,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from blendexp.checkpoints import load_weights_only
+from blendexp.checkpoints import adapter_folder, load_weights_only
 from blendexp.flame import EXP_DIM, GROUPS
 
 log = logging.getLogger(__name__)
 
-PROJECTIONS = ("linear", "mlp")
+PROJECTIONS = ("linear", "mlp", "full")
 LINEAR_TOKENS = 4  # diffusers reads a plain ``proj.weight`` adapter as exactly 4 tokens
 WEIGHT_NAME = "exp_adapter"
+EXPORT_DIR = "exp_adapter"  # the official release's models/exp_adapter/exp_adapter.bin
 
 
 def _ip_layers(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
@@ -44,7 +51,12 @@ def _ip_layers(unet: UNet2DConditionModel) -> list[tuple[str, Attention]]:
 
 
 def make_projection(cross_dim: int, num_tokens: int, projection: str, mult: int = 4) -> torch.nn.Module:
-    """Build the FLAME→tokens projection; the linear one is only valid with 4 tokens (diffusers' format)."""
+    """Build the FLAME→tokens projection; diffusers' formats fix the linear one at 4 tokens, the "Full" one at 1."""
+    if projection == "full":
+        if num_tokens != 1:
+            raise ValueError(f"projection=full is IP-Adapter's \"Full\" format, which always means 1 token; got "
+                             f"num_tokens={num_tokens}. Use projection=mlp for other counts")
+        return IPAdapterFullImageProjection(image_embed_dim=EXP_DIM, cross_attention_dim=cross_dim)
     if projection == "linear":
         if num_tokens != LINEAR_TOKENS:
             raise ValueError(f"projection=linear exports diffusers' plain IP-Adapter format, which always means "
@@ -155,9 +167,10 @@ def _projection_keys(projection: torch.nn.Module) -> dict[str, str]:
     if isinstance(projection, ImageProjection):
         return {"image_embeds.weight": "proj.weight", "image_embeds.bias": "proj.bias",
                 "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+    norm = "proj.3" if isinstance(projection, IPAdapterFullImageProjection) else "norm"
     return {"ff.net.0.proj.weight": "proj.0.weight", "ff.net.0.proj.bias": "proj.0.bias",
             "ff.net.2.weight": "proj.2.weight", "ff.net.2.bias": "proj.2.bias",
-            "norm.weight": "norm.weight", "norm.bias": "norm.bias"}
+            "norm.weight": f"{norm}.weight", "norm.bias": f"{norm}.bias"}
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
@@ -191,14 +204,21 @@ def save_expression_adapter(unet: UNet2DConditionModel, folder: str | Path) -> l
     return [folder / f"{WEIGHT_NAME}.bin", folder / f"{WEIGHT_NAME}.safetensors"]
 
 
+def has_adapter(folder: Path) -> bool:
+    """True for a folder holding ``exp_adapter.safetensors`` or ``.bin``."""
+    return any((folder / f"{WEIGHT_NAME}.{ext}").is_file() for ext in ("safetensors", "bin"))
+
+
 def read_expression_adapter(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """Read an adapter file (.safetensors or .bin, or a folder holding one) without unpickling objects."""
     path = Path(path)
     if path.is_dir():
-        found = [path / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin") if (path / f"{WEIGHT_NAME}.{ext}").is_file()]
-        if not found:
-            raise FileNotFoundError(f"no {WEIGHT_NAME}.safetensors or {WEIGHT_NAME}.bin in {path}")
-        path = found[0]
+        folder = adapter_folder(path, EXPORT_DIR, has_adapter)
+        if folder is None:
+            raise FileNotFoundError(f"no {WEIGHT_NAME}.safetensors or {WEIGHT_NAME}.bin in {path} (nor in its "
+                                    f"{EXPORT_DIR}/, models/{EXPORT_DIR}/ or export/)")
+        path = next(folder / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin")
+                    if (folder / f"{WEIGHT_NAME}.{ext}").is_file())
     if not path.is_file():
         raise FileNotFoundError(f"expression adapter checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -213,32 +233,38 @@ def read_expression_adapter(path: str | Path) -> dict[str, dict[str, torch.Tenso
     return state
 
 
-def infer_adapter_config(state: dict[str, dict[str, torch.Tensor]], cross_dim: int) -> dict[str, int | str]:
-    """Projection type, token count and MLP width of a checkpoint, read off its tensor shapes."""
-    proj = state["image_proj"]
-    if "proj.weight" in proj:
-        return {"projection": "linear", "num_tokens": proj["proj.weight"].shape[0] // cross_dim, "mult": 4}
-    if "proj.0.weight" in proj and "norm.weight" in proj:
-        hidden, in_dim = proj["proj.0.weight"].shape
-        return {"projection": "mlp", "num_tokens": proj["proj.2.weight"].shape[0] // cross_dim, "mult": hidden // in_dim}
-    raise ValueError(f"unsupported expression adapter projection keys: {sorted(proj)}")
+def describe_projection(projection: nn.Module) -> dict[str, int | str]:
+    """Projection type, token count and MLP width of an attached projection (``attach_expression_adapter``'s terms)."""
+    if isinstance(projection, ImageProjection):
+        return {"projection": "linear", "num_tokens": projection.num_image_text_embeds}
+    if isinstance(projection, IPAdapterFullImageProjection):
+        return {"projection": "full", "num_tokens": 1}
+    if isinstance(projection, IPAdapterFaceIDImageProjection):
+        first = projection.ff.net[0].proj
+        return {"projection": "mlp", "num_tokens": projection.num_tokens, "mult": first.out_features // first.in_features}
+    raise ValueError(f"{type(projection).__name__} is not a projection of the {EXP_DIM}-d FLAME vector; "
+                     f"supported: IP-Adapter's plain, Full and FaceID forms")
 
 
 def load_expression_adapter(unet: UNet2DConditionModel, path: str | Path, scale: float = 1.0) -> dict[str, int | str]:
-    """Attach an adapter from an official or blendexp checkpoint (to evaluate or fine-tune it)."""
+    """Attach an adapter from an official or blendexp checkpoint (to evaluate or fine-tune it) through diffusers'
+    own converter, the one ``load_ip_adapter`` runs: every IP-Adapter projection format it reads for a 55-d input."""
     state = read_expression_adapter(path)
-    cfg = infer_adapter_config(state, unet.config.cross_attention_dim)
-    attach_expression_adapter(unet, scale=scale, **cfg)  # type: ignore[arg-type]
-    proj = unet.encoder_hid_proj.image_projection_layers[0]
-    proj.load_state_dict({ours: state["image_proj"][official] for ours, official in _projection_keys(proj).items()})
     layers = _ip_layers(unet)
     if len(state["ip_adapter"]) != 2 * len(layers):
         raise ValueError(f"{path}: {len(state['ip_adapter'])} ip_adapter tensors for a UNet with {len(layers)} "
                          f"cross-attention layers (expected {2 * len(layers)}); was it trained on another base?")
-    for i, (name, _) in enumerate(layers):
-        proc = unet.attn_processors[name]
-        proc.to_k_ip[0].weight.data.copy_(state["ip_adapter"][f"{2 * i + 1}.to_k_ip.weight"])
-        proc.to_v_ip[0].weight.data.copy_(state["ip_adapter"][f"{2 * i + 1}.to_v_ip.weight"])
+    try:
+        unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"{path} does not fit this base's cross-attention layers ({err}); was it trained on "
+                         f"another base?") from err
+    cfg = describe_projection(unet.encoder_hid_proj.image_projection_layers[0])
+    if _input_layer(unet).in_features != EXP_DIM:
+        raise ValueError(f"{path} projects a {_input_layer(unet).in_features}-d input (an image adapter?); the "
+                         f"Expression Adapter reads the {EXP_DIM}-d FLAME vector")
+    for name, _ in layers:
+        unet.attn_processors[name].scale = [scale]
     log.info("loaded expression adapter %s (%s)", path, cfg)
     return cfg
 

@@ -29,12 +29,14 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
+from blendexp.checkpoints import adapter_folder
 
 log = logging.getLogger(__name__)
 
 REFERENCE_KWARG = "reference"
 ADAPTER_NAME = "ref"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_DIR = "ref_adapter"  # the official release's models/ref_adapter/pytorch_lora_weights.safetensors
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # The official demo's reference mode: DPM-Solver multistep, 25 steps, guidance 3.0, LoRA scale 0.8.
 DEMO_STEPS, DEMO_GUIDANCE, DEMO_LORA_SCALE = 25, 3.0, 0.8
@@ -196,19 +198,25 @@ def reference_lora_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Param
     return params
 
 
-def _lora_file(path: str | Path) -> Path:
-    """Resolve a LoRA file or a folder holding ``pytorch_lora_weights.safetensors`` (e.g. models/ref_adapter)."""
+def has_lora(folder: Path) -> bool:
+    """True for a folder holding ``pytorch_lora_weights.safetensors``."""
+    return (folder / LORA_WEIGHT_NAME).is_file()
+
+
+def lora_file(path: str | Path) -> Path:
+    """The ``ref`` LoRA file given as itself or as any folder above it (``ref_adapter/``, ``models/``, a run)."""
     path = Path(path)
-    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"reference adapter LoRA not found: {file} (expected a {LORA_WEIGHT_NAME} file or "
-                                f"a folder holding one, e.g. <models>/ref_adapter)")
-    return file
+    folder = None if path.is_file() else adapter_folder(path, LORA_DIR, has_lora)
+    if not path.is_file() and folder is None:
+        raise FileNotFoundError(f"reference adapter not found at {path}; give a {LORA_WEIGHT_NAME} file, a folder "
+                                f"holding one (e.g. <models>/{LORA_DIR}), a models/ folder or a ref_adapter training "
+                                f"run folder")
+    return path if folder is None else folder / LORA_WEIGHT_NAME
 
 
 def load_reference_lora(unet: UNet2DConditionModel, path: str | Path) -> LoraConfig:
     """Attach an official or blendexp ``ref`` LoRA to ``unet`` with diffusers' own loader (to evaluate or fine-tune)."""
-    file = _lora_file(path)
+    file = lora_file(path)
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(file), return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=ADAPTER_NAME, metadata=metadata)
     if ADAPTER_NAME not in getattr(unet, "peft_config", {}):
@@ -220,9 +228,17 @@ def load_reference_lora(unet: UNet2DConditionModel, path: str | Path) -> LoraCon
 
 
 def save_reference_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
-    """Write the ``ref`` LoRA as ``pytorch_lora_weights.safetensors`` (diffusers' format, rank/alpha in metadata)."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
-    metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    """Write the ``ref`` LoRA as ``pytorch_lora_weights.safetensors`` (diffusers' format) with its alpha folded into
+    the up weights (alpha = rank in the metadata): diffusers versions that ignore the metadata, such as the 0.29.2
+    the official release pins, then run it at the strength it was trained at."""
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.lora_B:
+            state[f"{name}.lora_B.weight"] = state[f"{name}.lora_B.weight"] * module.scaling[ADAPTER_NAME]
+    state = convert_state_dict_to_diffusers(state)
+    config = unet.peft_config[ADAPTER_NAME]
+    metadata = {**config.to_dict(), "lora_alpha": config.r, "alpha_pattern": dict(config.rank_pattern),
+                "use_rslora": False}
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME,
                                               unet_lora_adapter_metadata=metadata, safe_serialization=True)
     return Path(folder) / LORA_WEIGHT_NAME

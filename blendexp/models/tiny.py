@@ -121,21 +121,18 @@ def _use_official_clip_keys(path: Path) -> None:
               metadata={"format": "pt"})
 
 
-def save_tiny_base(root: str | Path, seed: int = 0, latent_channels: int = 4) -> tuple[Path, Path]:
-    """Create and save a tiny random base (VAE and UNet with ``latent_channels``); returns (models dir, SD 1.5 dir)."""
-    import torch
+def save_base(root: Path, unet: UNet2DConditionModel, encoder: Arc2FaceTextEncoder, vae: AutoencoderKL,
+              sd15_weights: bool = True) -> tuple[Path, Path]:
+    """Write a base's models in the official layout with SD 1.5's scheduler and ``model_index.json`` (the tokenizer
+    is already in ``stable-diffusion-v1-5/tokenizer``); ``sd15_weights`` also writes SD 1.5's own unet and text
+    encoder folders (the tiny base's copies; a full-size base skips the second 1.7 GB)."""
     from diffusers import PNDMScheduler
 
-    root = Path(root)
     models, sd15 = root / "models", root / "stable-diffusion-v1-5"
-    torch.manual_seed(seed)
-    tok = save_tiny_tokenizer(sd15 / "tokenizer")
-    encoder = tiny_text_encoder(len(tok.get_vocab()), tok.eos_token_id, tok.bos_token_id)
-    unet, vae = tiny_unet(latent_channels=latent_channels), tiny_vae(latent_channels)
-    for model, folder in ((unet, models / "arc2face"), (encoder, models / "encoder"), (vae, sd15 / "vae"),
-                          (unet, sd15 / "unet"), (encoder, sd15 / "text_encoder")):
+    copies = ((unet, sd15 / "unet"), (encoder, sd15 / "text_encoder")) if sd15_weights else ()
+    for model, folder in ((unet, models / "arc2face"), (encoder, models / "encoder"), (vae, sd15 / "vae"), *copies):
         model.save_pretrained(folder)
-    for folder in (models / "encoder", sd15 / "text_encoder"):
+    for folder in (models / "encoder", *([sd15 / "text_encoder"] if sd15_weights else [])):
         _use_official_clip_keys(folder / "model.safetensors")
     scheduler = PNDMScheduler(**SD15_SCHEDULER)
     # As in SD 1.5's scheduler_config.json: the DDPM scheduler loaded from it then has no clip_sample, about which
@@ -148,6 +145,18 @@ def save_tiny_base(root: str | Path, seed: int = 0, latent_channels: int = 4) ->
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (sd15 / "model_index.json").write_text(json.dumps(index, indent=2))
+    return models, sd15
+
+
+def save_tiny_base(root: str | Path, seed: int = 0, latent_channels: int = 4) -> tuple[Path, Path]:
+    """Create and save a tiny random base (VAE and UNet with ``latent_channels``); returns (models dir, SD 1.5 dir)."""
+    import torch
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    tok = save_tiny_tokenizer(root / "stable-diffusion-v1-5" / "tokenizer")
+    encoder = tiny_text_encoder(len(tok.get_vocab()), tok.eos_token_id, tok.bos_token_id)
+    models, sd15 = save_base(root, tiny_unet(latent_channels=latent_channels), encoder, tiny_vae(latent_channels))
     log.info("tiny Arc2Face base written to %s and %s", models, sd15)
     return models, sd15
 

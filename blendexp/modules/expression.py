@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 from blendexp.models.expression_adapter import (
     adapter_parameters,
     attach_expression_adapter,
+    EXPORT_DIR,
     load_expression_adapter,
     save_expression_adapter,
     scale_adapter_input,
@@ -27,8 +28,8 @@ class ExpressionAdapterModule(DiffusionModule):
                  dropout: dict[str, float], optim: dict[str, Any], init_adapter: str | None = None) -> None:
         super().__init__(base=base, noise=noise, dropout=dropout, optim=optim)
         self.save_hyperparameters()
-        if init_adapter:
-            load_expression_adapter(self.unet, init_adapter)
+        if init_adapter:  # its file decides the projection: recorded, so a .ckpt of this run exports in its format
+            self.hparams["adapter"] = {**adapter, **load_expression_adapter(self.unet, init_adapter)}
             if adapter.get("input_scale"):
                 scale_adapter_input(self.unet, adapter["input_scale"], keep_weights=True)
         else:
@@ -51,8 +52,9 @@ class ExpressionAdapterModule(DiffusionModule):
         return self.diffusion_loss(latents, predict)
 
     def export(self, folder: str | Path) -> list[Path]:
-        """Write the adapter as ``exp_adapter.{bin,safetensors}`` for ``load_ip_adapter``."""
-        return save_expression_adapter(self.unet, folder)
+        """Write ``models/exp_adapter/exp_adapter.{bin,safetensors}``, where the official demo's ``load_ip_adapter``
+        reads it."""
+        return save_expression_adapter(self.unet, Path(folder) / "models" / EXPORT_DIR)
 
     def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],
                     reference: torch.Tensor | None, common: dict[str, Any]) -> np.ndarray:

@@ -13,12 +13,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from blendexp.models.expression_adapter import (
+    EXPORT_DIR,
     adapter_parameters,
     attach_expression_adapter,
     load_expression_adapter,
     save_expression_adapter,
 )
 from blendexp.models.reference_adapter import (
+    LORA_DIR,
     REFERENCE_KWARG,
     ReferenceStore,
     add_reference_lora,
@@ -62,7 +64,7 @@ class ReferenceAdapterModule(DiffusionModule):
         self.train_expression, self.id_source = train_expression, id_source
         self.ref_unet = reference_unet(self.unet)  # copied before any adapter is attached
         if expression_adapter:
-            load_expression_adapter(self.unet, expression_adapter)
+            self.hparams["adapter"] = {**(adapter or {}), **load_expression_adapter(self.unet, expression_adapter)}
         else:
             attach_expression_adapter(self.unet, **(adapter or {}))
         if init_lora:
@@ -104,11 +106,11 @@ class ReferenceAdapterModule(DiffusionModule):
         return self.diffusion_loss(latents, predict)
 
     def export(self, folder: str | Path) -> list[Path]:
-        """Write ``pytorch_lora_weights.safetensors`` (``load_lora_weights``) and, if trained here, the Expression
-        Adapter (``load_ip_adapter``)."""
-        files = [save_reference_lora(self.unet, folder)]
+        """Write ``models/ref_adapter/pytorch_lora_weights.safetensors`` (``load_lora_weights``) and, if trained here,
+        ``models/exp_adapter/`` (``load_ip_adapter``): the official demo's folders."""
+        files = [save_reference_lora(self.unet, Path(folder) / "models" / LORA_DIR)]
         if self.train_expression:
-            files += save_expression_adapter(self.unet, folder)
+            files += save_expression_adapter(self.unet, Path(folder) / "models" / EXPORT_DIR)
         return files
 
     def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],

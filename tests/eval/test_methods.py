@@ -43,14 +43,16 @@ def test_lightning_checkpoint_run_folder_and_export_load_the_same_adapter(tmp_pa
                                                                           trained: tuple) -> None:
     trained_unet, input_scale = trained
     run = tmp_path / "run"
-    save_expression_adapter(trained_unet, run / "export")
+    save_expression_adapter(trained_unet, run / "export" / "models" / "exp_adapter")
+    save_expression_adapter(trained_unet, tmp_path / "old_run" / "export")  # runs before the official layout
     weights = {n: p for n, p in trained_unet.named_parameters() if n.startswith("encoder_hid_proj") or "_ip." in n}
     ckpt = run / "checkpoints" / "last.ckpt"  # what DiffusionModule keeps: only the trained weights, "unet." prefix
     ckpt.parent.mkdir()
     torch.save({"state_dict": {f"unet.{n}": p.detach() for n, p in weights.items()}, "global_step": 7,
                 "hyper_parameters": {"adapter": {"input_scale": input_scale}}}, ckpt)
     expected = expression_adapter_state_dict(trained_unet)
-    for given in (run, run / "export", run / "export" / "exp_adapter.bin", ckpt):
+    for given in (run, run / "export", run / "export" / "models", run / "export" / "models" / "exp_adapter",
+                  run / "export" / "models" / "exp_adapter" / "exp_adapter.bin", tmp_path / "old_run", ckpt):
         path = resolve_adapter(str(given), _fresh(tiny_base), tmp_path / "work", seed=0)
         unet = _fresh(tiny_base)
         load_expression_adapter(unet, path)

@@ -124,3 +124,58 @@ def test_input_scale_rejects_unknown_groups(tiny_base) -> None:
         attach_expression_adapter(base.unet, input_scale={"mouth": 2.0})
     with pytest.raises(ValueError, match="must be positive"):
         attach_expression_adapter(base.unet, input_scale={"jaw": 0.0})
+
+
+# The IP-Adapter projection formats diffusers' load_ip_adapter reads for a 55-d input, by their official keys.
+FORMATS = {"linear": ({"num_tokens": 4, "projection": "linear"}, {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}),
+           "full": ({"num_tokens": 1, "projection": "full"},
+                    {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "proj.3.weight", "proj.3.bias"}),
+           "faceid": ({"num_tokens": 3, "projection": "mlp", "mult": 2},
+                      {"proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "norm.weight", "norm.bias"})}
+
+
+@pytest.mark.parametrize("form", sorted(FORMATS))
+def test_fine_tuning_reads_and_writes_every_official_projection_format(tiny_base, tmp_path: Path, form: str) -> None:
+    from blendexp.modules.expression import ExpressionAdapterModule
+
+    cfg, keys = FORMATS[form]
+    models, sd15 = tiny_base
+    trained_like_adapter(tiny_base, tmp_path / "official", **cfg)
+    official = torch.load(tmp_path / "official" / "exp_adapter.bin", weights_only=True)
+    assert set(official["image_proj"]) == keys
+    theirs = StableDiffusionPipeline.from_pretrained(
+        sd15, unet=UNet2DConditionModel.from_pretrained(models, subfolder="arc2face"), safety_checker=None,
+        text_encoder=Arc2FaceBase.from_pretrained(*tiny_base).text_encoder)
+    theirs.load_ip_adapter(str(tmp_path), subfolder="official", weight_name="exp_adapter.bin", image_encoder_folder=None)
+    module = ExpressionAdapterModule(base={"models": str(models), "sd15": str(sd15)}, adapter={}, noise={},
+                                     dropout={}, optim={"lr": 1e-3}, init_adapter=str(tmp_path / "official"))
+    assert module.hparams["adapter"] == cfg  # what the file holds, recorded for exports from its checkpoints
+    assert type(module.unet.encoder_hid_proj.image_projection_layers[0]) is \
+        type(theirs.unet.encoder_hid_proj.image_projection_layers[0])
+    x, t, states, exp = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 512), torch.randn(2, 1, 55)
+    torch.testing.assert_close(module.unet(x, t, states, added_cond_kwargs={"image_embeds": [exp]}).sample,
+                               theirs.unet(x, t, states, added_cond_kwargs={"image_embeds": [exp]}).sample)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+    module.forward_loss({"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "id": torch.randn(2, 512),
+                         "exp": torch.randn(2, 55)}).backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in module.named_parameters() if p.requires_grad)
+    (tuned,) = [f for f in module.export(tmp_path / "tuned") if f.suffix == ".bin"]
+    state = torch.load(tuned, weights_only=True)
+    assert {k: v.shape for k, v in state["image_proj"].items()} == {k: v.shape for k, v in official["image_proj"].items()}
+    theirs.load_ip_adapter(str(tuned.parent), subfolder="", weight_name=tuned.name, image_encoder_folder=None)
+    torch.testing.assert_close(module.unet(x, t, states, added_cond_kwargs={"image_embeds": [exp]}).sample,
+                               theirs.unet(x, t, states, added_cond_kwargs={"image_embeds": [exp]}).sample)
+
+
+def test_an_image_adapter_is_refused_with_the_reason(tiny_base, tmp_path: Path) -> None:
+    base = trained_like_adapter(tiny_base, tmp_path / "ad")
+    state = torch.load(tmp_path / "ad" / "exp_adapter.bin", weights_only=True)
+    cross = base.unet.config.cross_attention_dim
+    state["image_proj"] = {"proj.weight": torch.randn(4 * cross, 1024), "proj.bias": torch.zeros(4 * cross),
+                           "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}  # a CLIP-image adapter
+    torch.save(state, tmp_path / "ad" / "exp_adapter.bin")
+    (tmp_path / "ad" / "exp_adapter.safetensors").unlink()
+    with pytest.raises(ValueError, match="projects a 1024-d input .* reads the 55-d FLAME vector"):
+        load_expression_adapter(Arc2FaceBase.from_pretrained(*tiny_base).unet, tmp_path / "ad")

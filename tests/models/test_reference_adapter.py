@@ -13,7 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from blendexp.models.adapters import adapter_pipeline
 from blendexp.models.arc2face import Arc2FaceBase, id_prompt_embeds
-from blendexp.models.expression_adapter import attach_expression_adapter, expression_embeds, save_expression_adapter
+from blendexp.models.expression_adapter import (
+    attach_expression_adapter,
+    expression_embeds,
+    load_expression_adapter,
+    save_expression_adapter,
+)
 from blendexp.models.reference_adapter import (
     REFERENCE_KWARG,
     ReferenceStore,
@@ -195,15 +200,18 @@ def test_import_matches_training_unet_and_diffusers_loader(tiny_base, tmp_path: 
     x, t, s = inputs(2)
     exp = {"added_cond_kwargs": {"image_embeds": [torch.randn(2, 1, 55)]}}
     torch.testing.assert_close(call(pipe.unet, x, t, s, **exp), call(trained.unet, x, t, s, **exp))
-    # A file without rank/alpha metadata (as older diffusers wrote it) loads with alpha = rank.
+    # A file read without its rank/alpha metadata (as diffusers 0.29.2, the official release's pin, reads it) loads
+    # with alpha = rank; alpha 8 at rank 4 was folded into the weights, so it still computes the trained LoRA.
     file = tmp_path / "models" / "ref_adapter" / "pytorch_lora_weights.safetensors"
     save_file(load_file(file), tmp_path / "bare.safetensors")
     unet = UNet2DConditionModel.from_pretrained(tiny_base[0], subfolder="arc2face")
+    load_expression_adapter(unet, tmp_path / "models")
     config = load_reference_lora(unet, tmp_path / "bare.safetensors")
     assert (config.r, config.lora_alpha) == (4, 4)
     assert sorted(config.target_modules) == ["to_k", "to_out.0", "to_q", "to_v"]
+    torch.testing.assert_close(call(unet, x, t, s, **exp), call(trained.unet, x, t, s, **exp))
 
 
 def test_missing_lora_names_path(unet, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "pytorch_lora_weights.safetensors")):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}; give a pytorch_lora_weights.safetensors file"):
         load_reference_lora(unet, tmp_path)

@@ -68,7 +68,7 @@ def test_fine_tunes_an_existing_adapter(tiny_base, tmp_path: Path) -> None:
         if p.requires_grad:
             p.data.add_(0.1)
     first.export(tmp_path)
-    second = make(tiny_base, init_adapter=str(tmp_path / "exp_adapter.safetensors"))
+    second = make(tiny_base, init_adapter=str(tmp_path))  # the export folder: models/exp_adapter/ under it
     assert second.trainable_names() == first.trainable_names()
     for name in first.trainable_names():
         torch.testing.assert_close(second.state_dict()[name], first.state_dict()[name])

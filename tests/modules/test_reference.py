@@ -130,8 +130,10 @@ def test_frozen_expression_adapter_fine_tuned_lora_and_export(tiny_base, tmp_pat
     for a, b in zip(reference_lora_parameters(first.unet), reference_lora_parameters(second.unet), strict=True):
         torch.testing.assert_close(a, b)
     assert all(p.requires_grad for p in adapter_parameters(second.unet))
-    names = sorted(f.name for f in second.export(tmp_path / "joint"))
-    assert names == ["exp_adapter.bin", "exp_adapter.safetensors", "pytorch_lora_weights.safetensors"]
+    files = second.export(tmp_path / "joint")
+    assert sorted(str(f.relative_to(tmp_path / "joint")) for f in files) == [  # the official demo's folders
+        "models/exp_adapter/exp_adapter.bin", "models/exp_adapter/exp_adapter.safetensors",
+        "models/ref_adapter/pytorch_lora_weights.safetensors"]
 
 
 def test_sample_grid_uses_identity_image_as_reference(tiny_base, tmp_path: Path) -> None:
@@ -157,6 +159,7 @@ def test_cli_trains_on_pairs_and_exports(toy_shards: Path, tiny_base, tmp_path: 
                   "callbacks.samples.every_n_steps=0", "callbacks.samples.n_identities=1",
                   "callbacks.samples.n_expressions=2")
     assert res.returncode == 0, res.stderr[-3000:]
-    export = tmp_path / "ref_adapter" / "cli" / "export"
-    assert (export / "pytorch_lora_weights.safetensors").is_file() and (export / "exp_adapter.bin").is_file()
-    assert str(export / "pytorch_lora_weights.safetensors") in res.stdout and "samples:" in res.stdout
+    export = tmp_path / "ref_adapter" / "cli" / "export" / "models"
+    lora = export / "ref_adapter" / "pytorch_lora_weights.safetensors"
+    assert lora.is_file() and (export / "exp_adapter" / "exp_adapter.bin").is_file()
+    assert str(lora) in res.stdout and "samples:" in res.stdout

@@ -22,7 +22,7 @@ def test_crashing_job_is_reported_and_the_other_job_finishes(toy_shards: Path, t
     jobs = results(sweep)
     assert jobs[0]["status"] == "failed" and f"{missing} does not exist" in jobs[0]["error"]
     assert jobs[1]["status"] == "completed" and jobs[1]["metrics"]["train/loss"] > 0
-    assert (sweep / "1" / "export" / "exp_adapter.safetensors").is_file()
+    assert (sweep / "1" / "export" / "models" / "exp_adapter" / "exp_adapter.safetensors").is_file()
     table = pd.read_csv(sweep / "report.csv")  # written when the sweep ended
     assert list(table["status"]) == ["failed", "completed"]
     assert f"{missing} does not exist" in table.loc[0, "error"] and table.loc[1, "train/loss"] > 0
