@@ -63,6 +63,7 @@ class Arc2FaceMethod:
     """Arc2Face alone: ID tokens, no expression control (the baseline every adapter must beat on expression)."""
 
     kind: ClassVar[str] = "arc2face"
+    uses_reference: ClassVar[bool] = False  # reads the source photo as a reference image (reference mode)
 
     def __init__(self, name: str, base: Mapping[str, Any], gen: GenerationSettings, device: str = "cpu",
                  seed: int = 0, **options: Any) -> None:
@@ -94,7 +95,7 @@ class Arc2FaceMethod:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
-    def conditions(self, exp: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    def conditions(self, exp: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
         """``sample``'s inputs beyond the identity for one row (Arc2Face alone: none; subclasses add theirs)."""
         return {}
 
@@ -106,13 +107,14 @@ class Arc2FaceMethod:
         dtype, size = DTYPES[self.gen.dtype], self.gen.size
         pipe = self.pipe
         prompt = id_prompt_embeds(pipe.text_encoder, pipe.tokenizer, torch.from_numpy(id_emb).to(self.device))
-        refs = torch.stack([torch.from_numpy(np.array(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC)))
-                            for s in sources]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        refs = [None] * len(seeds)
+        if self.uses_reference:  # the source photos at the generation size, in [-1, 1]
+            refs = [(torch.from_numpy(np.array(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC)))
+                     .permute(2, 0, 1)[None].float() / 127.5 - 1.0).to(self.device, dtype) for s in sources]
         exp_t = torch.from_numpy(exp).to(self.device, dtype)
         common = dict(steps=self.gen.steps, guidance=self.gen.guidance, size=size)
         # One call per row: diffusers shares precomputed IP embeds across a call.
-        return [sample(pipe, prompt[i:i + 1].to(dtype), [seed], **common,
-                       **self.conditions(exp_t[i:i + 1], refs[i:i + 1].to(self.device, dtype)))[0]
+        return [sample(pipe, prompt[i:i + 1].to(dtype), [seed], **common, **self.conditions(exp_t[i:i + 1], refs[i]))[0]
                 for i, seed in enumerate(seeds)]
 
     def close(self) -> None:
@@ -131,7 +133,7 @@ class ExpressionAdapterMethod(Arc2FaceMethod):
         self.pipe, _ = adapter_pipeline(base, DPMSolverMultistepScheduler.from_config(base.scheduler.config), path)
         self.pipe.set_ip_adapter_scale(float(self.options.get("scale", 1.0)))
 
-    def conditions(self, exp: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    def conditions(self, exp: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
         """The FLAME vector, with the configured negative (else zeros) for guidance."""
         return {"exp": exp, "negative": self.negative}
 
@@ -140,6 +142,7 @@ class ReferenceAdapterMethod(ExpressionAdapterMethod):
     """Expression + Reference Adapter in reference mode: the source photo is also the reference image."""
 
     kind: ClassVar[str] = "expr_ref"
+    uses_reference: ClassVar[bool] = True
     ref_unet: UNet2DConditionModel | None = None
 
     def build(self, base: Arc2FaceBase, workdir: Path) -> None:
@@ -153,7 +156,7 @@ class ReferenceAdapterMethod(ExpressionAdapterMethod):
         self.pipe.set_ip_adapter_scale(float(self.options.get("scale", 1.0)))
         self.ref_unet.to(self.device)
 
-    def conditions(self, exp: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    def conditions(self, exp: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
         """Reference mode: the source photo is the reference, read at the configured LoRA scale."""
         return {**super().conditions(exp, reference), "ref_unet": self.ref_unet, "reference": reference,
                 "lora_scale": float(self.options.get("lora_scale", 1.0))}
