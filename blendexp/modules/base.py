@@ -19,8 +19,9 @@ class Arc2FaceBaseModule(DiffusionModule):
     trains_whole_unet = True
 
     def __init__(self, base: dict[str, Any], noise: dict[str, Any], dropout: dict[str, float],
-                 optim: dict[str, Any], train_text_encoder: bool = False) -> None:
-        super().__init__(base=base, noise=noise, dropout=dropout, optim=optim)
+                 optim: dict[str, Any], train_text_encoder: bool = False, gradient_checkpointing: bool = False) -> None:
+        super().__init__(base=base, noise=noise, dropout=dropout, optim=optim,
+                         gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters()
         self.unet.requires_grad_(True)
         self.text_encoder.requires_grad_(train_text_encoder)

@@ -34,7 +34,7 @@ class DiffusionModule(L.LightningModule):
     trains_whole_unet = False  # only base training may choose what the UNet predicts
 
     def __init__(self, base: dict[str, Any], noise: dict[str, Any], dropout: dict[str, float],
-                 optim: dict[str, Any]) -> None:
+                 optim: dict[str, Any], gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.strict_loading = False  # checkpoints hold only the trained weights
         b = load_base(**base)
@@ -42,6 +42,8 @@ class DiffusionModule(L.LightningModule):
         self.tokenizer, self.noise_scheduler = b.tokenizer, b.scheduler
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
+        if gradient_checkpointing:  # recompute the UNet's activations in the backward pass: memory for time
+            self.unet.enable_gradient_checkpointing()
         self.noise_cfg, self.dropout_cfg, self.optim_cfg = dict(noise), dict(dropout), dict(optim)
         self._set_prediction_type(self.noise_cfg.get("prediction_type"))
         with torch.no_grad():

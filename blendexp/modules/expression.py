@@ -25,8 +25,10 @@ class ExpressionAdapterModule(DiffusionModule):
     """Noise-prediction training of the Expression Adapter with ID/expression dropout for CFG."""
 
     def __init__(self, base: dict[str, Any], adapter: dict[str, Any], noise: dict[str, Any],
-                 dropout: dict[str, float], optim: dict[str, Any], init_adapter: str | None = None) -> None:
-        super().__init__(base=base, noise=noise, dropout=dropout, optim=optim)
+                 dropout: dict[str, float], optim: dict[str, Any], init_adapter: str | None = None,
+                 gradient_checkpointing: bool = False) -> None:
+        super().__init__(base=base, noise=noise, dropout=dropout, optim=optim,
+                         gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters()
         if init_adapter:  # its file decides the projection: recorded, so a .ckpt of this run exports in its format
             self.hparams["adapter"] = {**adapter, **load_expression_adapter(self.unet, init_adapter)}

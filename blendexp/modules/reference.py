@@ -51,8 +51,9 @@ class ReferenceAdapterModule(DiffusionModule):
     def __init__(self, base: dict[str, Any], lora: dict[str, Any], noise: dict[str, Any], dropout: dict[str, float],
                  optim: dict[str, Any], adapter: dict[str, Any] | None = None, expression_adapter: str | None = None,
                  train_expression: bool | None = None, init_lora: str | None = None,
-                 id_source: str = "reference") -> None:
-        super().__init__(base=base, noise=noise, dropout=dropout, optim=optim)
+                 id_source: str = "reference", gradient_checkpointing: bool = False) -> None:
+        super().__init__(base=base, noise=noise, dropout=dropout, optim=optim,
+                         gradient_checkpointing=gradient_checkpointing)
         self.save_hyperparameters()
         if id_source not in ID_SOURCES:
             raise ValueError(f"model.id_source={id_source!r}; choose one of {ID_SOURCES}")

@@ -103,3 +103,20 @@ def test_sample_grid_is_the_pipelines_image_of_the_export(tiny_base, tmp_path: P
     pipe = ExpressionPipeline.from_pretrained(*tiny_base, expression_adapter=tmp_path)
     for i, seed in enumerate([5, 6]):
         assert (pipe(ids[i].numpy(), exps[i].numpy(), seed=seed, steps=3, guidance=2.0)[0] == grid[i]).all()
+
+
+def test_gradient_checkpointing_trades_memory_not_results(tiny_base) -> None:
+    plain, checkpointed = make(tiny_base), make(tiny_base, gradient_checkpointing=True)
+    assert checkpointed.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
+    checkpointed.load_state_dict(plain.state_dict())  # the same fresh adapter
+    losses = []
+    for module in (plain, checkpointed):
+        module.train()
+        torch.manual_seed(3)  # the same noise and timesteps
+        losses.append(module.forward_loss(batch()))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (plain, checkpointed)]
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
