@@ -157,8 +157,10 @@ def test_cli_trains_on_pairs_and_exports(toy_shards: Path, tiny_base, tmp_path: 
                   f"paths.tiny_base={models.parent}", f"paths.outputs={tmp_path}", "data.num_workers=0",
                   "data.batch_size=4", "run_name=cli", "trainer.max_steps=6", "callbacks.samples.steps=2",
                   "callbacks.samples.every_n_steps=0", "callbacks.samples.n_identities=1",
-                  "callbacks.samples.n_expressions=2")
+                  "callbacks.samples.n_expressions=2",
+                  "trainer.precision=bf16-mixed", "model.gradient_checkpointing=true")  # the GPU recipe's paths, on CPU
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "Using bfloat16 Automatic Mixed Precision" in res.stdout + res.stderr
     export = tmp_path / "ref_adapter" / "cli" / "export" / "models"
     lora = export / "ref_adapter" / "pytorch_lora_weights.safetensors"
     assert lora.is_file() and (export / "exp_adapter" / "exp_adapter.bin").is_file()
