@@ -26,7 +26,8 @@ FILES = [ARCFACE, SMIRK, "renders/train.npz", "renders/heldout.npz", "vae/config
 
 @pytest.fixture(scope="module")
 def quick_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A --quick build in a fresh root, run as users run it (about 2-3 minutes on 2 idle cores)."""
+    """A --quick build in a fresh root, run as users run it (minutes: each measured build's wall time is in
+    tests/margins/quick_build.json)."""
     root = tmp_path_factory.mktemp("toy")
     res = run_cli("blendexp.toyworld.assets", "--root", str(root), "--quick", timeout=3600)
     assert res.returncode == 0, res.stderr[-4000:]

@@ -36,9 +36,12 @@ def test_every_shipped_file_is_there_in_the_official_layout() -> None:
 # held-out identities (metrics.json): recogniser AUC 1.000, accuracy 0.997; expression MAE 0.89x the mean predictor's,
 # eyelids 0.39-0.41x, jaw opening 0.27x on renders and 0.34x on VAE round trips (as generated faces look; the
 # eyelids barely survive the 8x VAE: 0.73-0.75x); base ID AUC 0.99, matched 0.56 vs 0.00 for other identities.
+# Measured over 3 seeds x 2 code paths (shipped.json), two thresholds sat closer than the policy's 0.05 to the worst
+# run and moved: the recogniser's AUC from > 0.95 to > 0.94 (worst 0.9999), the pooled expression MAE from < 0.95 to
+# < 0.96 of the mean predictor's (worst 0.903).
 THRESHOLDS = {
-    "identity.roc_auc": (">", 0.95), "identity.verification_accuracy": (">", 0.9),
-    "expression.mae_vs_mean_predictor": ("<", 0.95),
+    "identity.roc_auc": (">", 0.94), "identity.verification_accuracy": (">", 0.9),
+    "expression.mae_vs_mean_predictor": ("<", 0.96),
     "expression.eyelid_left_vs_mean_predictor": ("<", 0.5), "expression.eyelid_right_vs_mean_predictor": ("<", 0.5),
     "expression.jaw_open_vs_mean_predictor": ("<", 0.5),
     "expression.jaw_open_decoded_vs_mean_predictor": ("<", 0.5),  # what the closed loop calls readable
