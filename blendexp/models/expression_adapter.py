@@ -263,8 +263,9 @@ def load_expression_adapter(unet: UNet2DConditionModel, path: str | Path, scale:
     if _input_layer(unet).in_features != EXP_DIM:
         raise ValueError(f"{path} projects a {_input_layer(unet).in_features}-d input (an image adapter?); the "
                          f"Expression Adapter reads the {EXP_DIM}-d FLAME vector")
+    procs = unet.attn_processors
     for name, _ in layers:
-        unet.attn_processors[name].scale = [scale]
+        procs[name].scale = [scale]
     log.info("loaded expression adapter %s (%s)", path, cfg)
     return cfg
 
