@@ -21,6 +21,7 @@ from blendexp.models.arc2face import Arc2FaceBase
 from blendexp.models.expression_adapter import (
     EXPORT_DIR,
     WEIGHT_NAME,
+    adapter_file,
     attach_expression_adapter,
     fold_input_scale,
     has_adapter,
@@ -149,8 +150,7 @@ def find_expression_adapter(spec: str | Path | None, ref: Path | None, fallbacks
 def load_ip_adapter(pipe: StableDiffusionPipeline, path: Path) -> None:
     """Attach an Expression Adapter file (or a folder holding ``exp_adapter.*``) with diffusers' own loader."""
     if path.is_dir():
-        path = next(path / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin")
-                    if (path / f"{WEIGHT_NAME}.{ext}").is_file())
+        path = adapter_file(path)
     pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
 
 

@@ -204,9 +204,14 @@ def save_expression_adapter(unet: UNet2DConditionModel, folder: str | Path) -> l
     return [folder / f"{WEIGHT_NAME}.bin", folder / f"{WEIGHT_NAME}.safetensors"]
 
 
+def adapter_file(folder: Path) -> Path | None:
+    """``folder``'s ``exp_adapter.safetensors``, else its ``exp_adapter.bin``, else None."""
+    return next((f for f in (folder / f"{WEIGHT_NAME}.safetensors", folder / f"{WEIGHT_NAME}.bin") if f.is_file()), None)
+
+
 def has_adapter(folder: Path) -> bool:
     """True for a folder holding ``exp_adapter.safetensors`` or ``.bin``."""
-    return any((folder / f"{WEIGHT_NAME}.{ext}").is_file() for ext in ("safetensors", "bin"))
+    return adapter_file(folder) is not None
 
 
 def read_expression_adapter(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -217,8 +222,7 @@ def read_expression_adapter(path: str | Path) -> dict[str, dict[str, torch.Tenso
         if folder is None:
             raise FileNotFoundError(f"no {WEIGHT_NAME}.safetensors or {WEIGHT_NAME}.bin in {path} (nor in its "
                                     f"{EXPORT_DIR}/, models/{EXPORT_DIR}/ or export/)")
-        path = next(folder / f"{WEIGHT_NAME}.{ext}" for ext in ("safetensors", "bin")
-                    if (folder / f"{WEIGHT_NAME}.{ext}").is_file())
+        path = adapter_file(folder)
     if not path.is_file():
         raise FileNotFoundError(f"expression adapter checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -260,9 +264,9 @@ def load_expression_adapter(unet: UNet2DConditionModel, path: str | Path, scale:
         raise ValueError(f"{path} does not fit this base's cross-attention layers ({err}); was it trained on "
                          f"another base?") from err
     cfg = describe_projection(unet.encoder_hid_proj.image_projection_layers[0])
-    if _input_layer(unet).in_features != EXP_DIM:
-        raise ValueError(f"{path} projects a {_input_layer(unet).in_features}-d input (an image adapter?); the "
-                         f"Expression Adapter reads the {EXP_DIM}-d FLAME vector")
+    if (width := _input_layer(unet).in_features) != EXP_DIM:
+        raise ValueError(f"{path} projects a {width}-d input (an image adapter?); the Expression Adapter reads the "
+                         f"{EXP_DIM}-d FLAME vector")
     procs = unet.attn_processors
     for name, _ in layers:
         procs[name].scale = [scale]

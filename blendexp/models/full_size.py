@@ -8,10 +8,11 @@ base's small BPE vocabulary (the real one is data, not configuration); its ids f
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from blendexp.models.tiny import base_cli, save_base, save_tiny_tokenizer
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -53,8 +54,6 @@ def save_full_size_base(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Write a random full-size base (float16) in the official layout; returns (models dir, SD 1.5 dir)."""
     import torch
 
-    from blendexp.models.tiny import save_base, save_tiny_tokenizer
-
     root = Path(root)
     torch.manual_seed(seed)
     tok = save_tiny_tokenizer(root / "stable-diffusion-v1-5" / "tokenizer")
@@ -66,13 +65,7 @@ def save_full_size_base(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
 
 def main() -> None:
     """CLI: ``python -m blendexp.models.full_size <dir>`` (about 2 GB) for real-size runs without the weights."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    models, sd15 = save_full_size_base(args.root, args.seed)
-    print(f"models={models}\nsd15={sd15}")
+    base_cli(__doc__.splitlines()[0], save_full_size_base)
 
 
 if __name__ == "__main__":

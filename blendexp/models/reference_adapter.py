@@ -206,12 +206,14 @@ def has_lora(folder: Path) -> bool:
 def lora_file(path: str | Path) -> Path:
     """The ``ref`` LoRA file given as itself or as any folder above it (``ref_adapter/``, ``models/``, a run)."""
     path = Path(path)
-    folder = None if path.is_file() else adapter_folder(path, LORA_DIR, has_lora)
-    if not path.is_file() and folder is None:
+    if path.is_file():
+        return path
+    folder = adapter_folder(path, LORA_DIR, has_lora)
+    if folder is None:
         raise FileNotFoundError(f"reference adapter not found at {path}; give a {LORA_WEIGHT_NAME} file, a folder "
                                 f"holding one (e.g. <models>/{LORA_DIR}), a models/ folder or a ref_adapter training "
                                 f"run folder")
-    return path if folder is None else folder / LORA_WEIGHT_NAME
+    return folder / LORA_WEIGHT_NAME
 
 
 def load_reference_lora(unet: UNet2DConditionModel, path: str | Path) -> LoraConfig:

@@ -13,7 +13,7 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from blendexp.flame import ID_DIM
 
@@ -171,15 +171,20 @@ def ensure_tiny_base(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return root / "models", root / "stable-diffusion-v1-5"
 
 
-def main() -> None:
-    """CLI: ``python -m blendexp.models.tiny <dir>`` writes a tiny base for experiments and bug reports."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def base_cli(description: str, save: Callable[[Path, int], tuple[Path, Path]]) -> None:
+    """The command line of a base writer: ``<dir> [--seed N]``, then where its two folders are."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("root", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    models, sd15 = save_tiny_base(args.root, args.seed)
+    models, sd15 = save(args.root, args.seed)
     print(f"models={models}\nsd15={sd15}")
+
+
+def main() -> None:
+    """CLI: ``python -m blendexp.models.tiny <dir>`` writes a tiny base for experiments and bug reports."""
+    base_cli(__doc__.splitlines()[0], save_tiny_base)
 
 
 if __name__ == "__main__":
