@@ -140,3 +140,19 @@ def test_a_method_makes_the_pipelines_images(tmp_path: Path, tiny_base) -> None:
     np.testing.assert_array_equal(image, same)
     other = pipe(id_emb[0], exp[0], seed=3, steps=3, guidance=3.0, size=32, expression_scale=0.0)[0]
     assert not np.array_equal(image, other)  # the comparison sees the adapter
+
+
+def test_only_reference_mode_reads_the_source_photo(tmp_path: Path, tiny_base) -> None:
+    """expr_ref generates from the source photo as its reference image; the other methods ignore the photo."""
+    rng = np.random.default_rng(0)
+    id_emb = rng.normal(size=(1, 512)).astype(np.float32)
+    id_emb /= np.linalg.norm(id_emb)
+    exp = rng.normal(size=(1, 55)).astype(np.float32)
+    photos = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(2)]
+    base = {"models": str(tiny_base[0]), "sd15": str(tiny_base[1]), "tiny_root": None}
+    gen = {"steps": 2, "guidance": 3.0, "size": 32, "dtype": "float32"}
+    for kind, reads in (("expr_ref", True), ("expr_adapter", False)):
+        method = build_method(kind, {"kind": kind}, base, gen)
+        method.load(tmp_path / kind)
+        first, second = (method.generate(id_emb, exp, [p], seeds=[0])[0] for p in photos)
+        assert (not np.array_equal(first, second)) == reads, kind
