@@ -1,18 +1,21 @@
-"""Shared fixtures: a tiny Arc2Face base in the official layout and small toy-world shards, built once."""
+"""Shared fixtures: a tiny Arc2Face base in the official layout, small toy-world shards, the local SLURM cluster."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+SLURM_SCRIPTS = REPO / "scripts" / "slurm"
 # The two longest files (the quick toy build, the reduced closed loop: minutes each) start first, one per worker, so
 # each runs beside the rest of the suite instead of after it (pyproject's --no-loadscope-reorder keeps this order:
 # xdist otherwise hands out the files with the most tests first).
@@ -30,6 +33,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order the longest files first (a stable sort: the rest keeps its order)."""
     items.sort(key=lambda item: next((i for i, path in enumerate(LONGEST_FIRST) if item.nodeid.startswith(path)),
                                      len(LONGEST_FIRST)))
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[str]:
+    """SLURM_CONF of a running cluster: started here unless .ci/run already did (then left running). A cluster that
+    cannot be started fails the test; sweeps on SLURM are a feature, not an optional extra."""
+    res = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True, timeout=900)
+    found = re.search(r"export SLURM_CONF=(\S+)", res.stdout)
+    if res.returncode != 0 or not found:
+        pytest.fail(f"could not start the local SLURM cluster with {SLURM_SCRIPTS / 'start.sh'} (it needs root to "
+                    f"install slurm-wlm and munge, and free ports 6817-6818):\n{res.stdout}\n{res.stderr[-3000:]}")
+    os.environ["SLURM_CONF"] = found.group(1)
+    yield found.group(1)
+    if "already running" not in res.stderr:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ class Annotator:
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         """Load every model named in the config; the detector threshold is halved to recognise "low score"."""
         self.cfg, face, device = cfg, cfg["face"], cfg["device"]
-        threads = int(cfg["threads_per_worker"]) if int(cfg["num_workers"]) else None  # workers: one core each
+        threads = int(cfg["threads_per_worker"])  # in this process too: the vectors must not depend on the cores
         self.detector = build_detector(face["detector"], face.get("model_dir"), device=device, threads=threads)
         kind = "mtcnn" if isinstance(self.detector, MTCNNDetector) else "insightface"
         self.min_score = float(face["min_score"] if face.get("min_score") is not None else DEFAULT_MIN_SCORE[kind])
@@ -189,12 +189,15 @@ def annotate(cfg: Mapping[str, Any], tasks: list[Task]) -> Iterator[tuple[Task, 
     """Results in task order, from ``num_workers`` processes (0: in this process)."""
     if not tasks:
         return
-    if int(cfg["num_workers"]) == 0:
+    if int(cfg["num_workers"]) == 0:  # on threads_per_worker threads, as a worker: SMIRK's floats depend on it
+        previous = torch.get_num_threads()
+        torch.set_num_threads(int(cfg["threads_per_worker"]))
         annotator = Annotator(cfg)
         try:
             yield from ((t, annotator.run(t)) for t in tasks)
         finally:
             annotator.close()
+            torch.set_num_threads(previous)
         return
     method = cfg["start_method"]
     if method == "fork" and not fork_safe():  # e.g. an earlier in-process build ran the face mesh here

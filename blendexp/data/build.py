@@ -11,6 +11,7 @@ deterministic (tar mtimes fixed), so the shards are byte-identical to an uninter
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,7 +19,9 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +60,39 @@ def tar_bytes(sample: Mapping[str, Any]) -> int:
     return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if not k.startswith("__"))
 
 
+def shard_url(cfg: Mapping[str, Any], source: str, index: int, part: int | None = None) -> str:
+    """Where shard ``index`` goes: ``shard_url`` (any URL webdataset writes, e.g. pipe:) or ``out/shard_name``;
+    ``{part}`` names the array part that wrote it (array.py)."""
+    pattern = cfg["shard_url"] or str(Path(cfg["out"]) / cfg["shard_name"])
+    return pattern.format(source=source, index=index, part=part)
+
+
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock`` (created if need be): array parts starting together prepare shared inputs
+    (toy renders, tiny annotators) one at a time."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a small file so that a killed build leaves either the old or the new version, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@dataclass
+class Packed:
+    """What ``write_reports`` reads of one source's shards: task reports by task, then the shards' done markers."""
+
+    reports: dict[int, dict[str, Any]]
+    markers: list[dict[str, Any]]
 
 
 class ShardPacker:
@@ -97,9 +128,8 @@ class ShardPacker:
         return self.start[0] >= self.n_tasks
 
     def url(self, index: int) -> str:
-        """Where shard ``index`` goes: ``shard_url`` (any URL webdataset writes, e.g. pipe:) or ``out/shard_name``."""
-        pattern = self.cfg["shard_url"] or str(Path(self.cfg["out"]) / self.cfg["shard_name"])
-        return pattern.format(source=self.source, index=index)
+        """Where this packer's shard ``index`` goes."""
+        return shard_url(self.cfg, self.source, index, self.cfg.get("part"))
 
     def _open(self) -> None:
         """Start the next shard under a temporary local name."""
@@ -163,7 +193,10 @@ class ShardPacker:
 
 
 def brace_form(urls: list[str]) -> str:
-    """``a-{000000..000012}.tar`` for consecutive shard URLs: the form data configs and webdataset accept."""
+    """``a-{000000..000012}.tar`` for consecutive shard URLs: the form data configs and webdataset accept ('' when
+    the URLs are not one consecutive run, e.g. a partial array merge)."""
+    import webdataset as wds
+
     if len(urls) < 2:
         return urls[0] if urls else ""
     a, b = urls[0], urls[-1]
@@ -172,11 +205,12 @@ def brace_form(urls: list[str]) -> str:
         i -= 1
     while j > 0 and a[len(a) - j].isdigit():
         j -= 1
-    return f"{a[:i]}{{{a[i:len(a) - j]}..{b[i:len(b) - j]}}}{a[len(a) - j:]}"
+    brace = f"{a[:i]}{{{a[i:len(a) - j]}..{b[i:len(b) - j]}}}{a[len(a) - j:]}"
+    return brace if wds.shardlists.expand_urls(brace) == urls else ""
 
 
-def check_plan(cfg: Mapping[str, Any], plan: dict[str, list[Task]]) -> None:
-    """Refuse to resume a build made from other inputs or settings (unless ``overwrite``), then record this plan."""
+def plan_fingerprint(cfg: Mapping[str, Any], plan: dict[str, list[Task]]) -> tuple[str, dict[str, Any]]:
+    """A hash of the inputs (paths, sizes, mtimes) and of the settings that change the shards, and those settings."""
     from blendexp.data.annotate import BUILDER_VERSION
 
     def stat(path: str) -> list[int]:
@@ -189,7 +223,12 @@ def check_plan(cfg: Mapping[str, Any], plan: dict[str, list[Task]]) -> None:
 
     inputs = [[i.path, *stat(i.path)] for tasks in plan.values() for t in tasks for i in t.items]
     settings = {k: cfg.get(k) for k in OUTPUT_KEYS} | {"model_ids": cfg["model_ids"], "builder": BUILDER_VERSION}
-    fingerprint = hashlib.sha256(json.dumps([settings, inputs], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([settings, inputs], sort_keys=True).encode()).hexdigest(), settings
+
+
+def check_plan(cfg: Mapping[str, Any], plan: dict[str, list[Task]]) -> None:
+    """Refuse to resume a build made from other inputs or settings (unless ``overwrite``), then record this plan."""
+    fingerprint, settings = plan_fingerprint(cfg, plan)
     work = Path(cfg["work_dir"])
     path = work / "plan.json"
     if path.exists() and json.loads(path.read_text())["fingerprint"] != fingerprint:
@@ -205,8 +244,10 @@ def check_plan(cfg: Mapping[str, Any], plan: dict[str, list[Task]]) -> None:
     write_atomic(path, json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2, sort_keys=True))
 
 
-def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elapsed: float) -> dict[str, Any]:
-    """manifest.json (shards and counts per source, subject, clip), rejects.jsonl and stats.json in ``out``."""
+def write_reports(cfg: Mapping[str, Any], packers: Mapping[str, ShardPacker | Packed], elapsed: float,
+                  partial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """manifest.json (shards and counts per source, subject, clip), rejects.jsonl and stats.json in ``out``;
+    ``partial`` (an array merge of only some parts) is recorded in the manifest."""
     from blendexp.data.annotate import BUILDER_VERSION, REASONS
 
     out = Path(cfg["out"])
@@ -215,6 +256,8 @@ def write_reports(cfg: Mapping[str, Any], packers: dict[str, ShardPacker], elaps
                                 "image_size": int(cfg["face"]["size"]), "models": cfg["model_ids"],
                                 "toy_models": cfg["toy_models"], "warnings": cfg["warnings"],
                                 "smirk_crop": cfg["expression"]["crop"], "sources": {}}
+    if partial:
+        manifest["partial"] = partial
     stats: dict[str, Any] = {"elapsed_s": round(elapsed, 2), "num_workers": cfg["num_workers"], "sources": {}}
     rejects: list[str] = []
     for source, packer in packers.items():
@@ -287,21 +330,33 @@ def real_input_warnings(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Build (or resume) every configured source's shards and write the reports; returns manifest and stats."""
-    from tqdm import tqdm
-
-    from blendexp.data.annotate import annotate
+    """Build (or resume) every configured source's shards and write the reports; returns manifest and stats.
+    With ``array.size`` > 1, build one part of the plan or merge the parts (array.py)."""
+    from blendexp.data.array import build_array, check_array
     from blendexp.data.inputs import plan_tasks
 
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     c.pop("hydra", None)
     if int(c["video"]["stride"]) < 1 or int(c["shard"]["maxcount"]) < 1:
         raise ValueError("video.stride and shard.maxcount must be >= 1")
-    if c.get("toy"):  # inputs to render first, e.g. the toy world's (conf/data/build/toy.yaml names the renderer)
-        hydra.utils.call(c["toy"], _convert_="all")
-    plan = plan_tasks(c)
-    resolve_models(c)
+    check_array(c)
+    with exclusive(Path(c["work_dir"]) / "prepare.lock"):  # array parts may start at once
+        if c.get("toy"):  # inputs to render first, e.g. the toy world's (conf/data/build/toy.yaml names the renderer)
+            hydra.utils.call(c["toy"], _convert_="all")
+        plan = plan_tasks(c)
+        resolve_models(c)
     c["warnings"] = real_input_warnings(c)
+    if int(c["array"]["size"]) > 1:
+        return build_array(c, plan)
+    return pack(c, plan)
+
+
+def pack(c: dict[str, Any], plan: dict[str, list[Task]]) -> dict[str, Any]:
+    """Annotate the plan's unfinished tasks and pack them into shards in task order, then write the reports."""
+    from tqdm import tqdm
+
+    from blendexp.data.annotate import annotate
+
     check_plan(c, plan)
     packers = {source: ShardPacker(c, source, len(tasks)) for source, tasks in plan.items()}
     todo = [t for s, tasks in plan.items() for t in tasks if t.index >= packers[s].start[0]]
@@ -322,11 +377,18 @@ def build(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Hydra entry; user errors become one clear line and exit status 1 instead of a traceback."""
     result = run_entry(build, cfg)
+    if "part" in result.get("array", {}):
+        part, size = result["array"]["part"], result["array"]["size"]
+        print(f"blendexp: part {part} of {size} built in {result['out']}; when every part is done, join them with "
+              "the same command and array.index=merge")
+        return
     print(f"blendexp: shards in {result['out']} (manifest.json, rejects.jsonl, stats.json)")
     for source, info in result["manifest"]["sources"].items():
         st = result["stats"]["sources"][source]
         print(f"  {source}: {info['samples']} samples from {st['inputs']} inputs in {st['shards']} shards "
-              f"{info['brace']}; rejected: {st['rejects'] or 'none'}")
+              f"{info['brace'] or '(listed in manifest.json)'}; rejected: {st['rejects'] or 'none'}")
+    if "partial" in result["manifest"]:
+        print(f"warning: partial merge, missing parts: {result['manifest']['partial']['missing']}")
     for warning in result["manifest"]["warnings"]:
         print(f"warning: {warning}")
 

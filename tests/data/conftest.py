@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from skimage.data import astronaut
 
 from blendexp.config import CONF_DIR
+from blendexp.data.build import build
 from blendexp.data.format import FaceSample, encode_sample, make_key
 from blendexp.faces.annotators import ensure_tiny_annotators
 from blendexp.flame import EXP_DIM, ID_DIM
@@ -69,6 +70,30 @@ def toy_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
         clip = make_clip(sample_identity(rng), rng, n_frames=12, size=96, nuisance_strength=0.2)
         write_clip(clip, root / f"s{subject}", "c00")
     return root
+
+
+SMALL_SHARDS = ("shard.maxcount=2", "video.max_frames=12", "face.min_score=0.7")
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    """Name → content of every finished shard in ``out``."""
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+@pytest.fixture(scope="package")
+def reference_build(tmp_path_factory: pytest.TempPathFactory, toy_videos: Path, annotators: Path) -> Path:
+    """An uninterrupted build in this process: 2 clips x 12 frames in shards of 2 samples."""
+    out = tmp_path_factory.mktemp("reference")
+    build(build_config(out, {"clips": toy_videos}, annotators, *SMALL_SHARDS))
+    return out
+
+
+@pytest.fixture(scope="package")
+def reference(reference_build: Path) -> dict[str, bytes]:
+    """The reference build's shards, by name."""
+    shards = shard_bytes(reference_build)
+    assert len(shards) == 12, sorted(shards)
+    return shards
 
 
 def build_config(out: Path, sources: dict[str, Path | str], annotators: Path, *overrides: str) -> DictConfig:

@@ -15,24 +15,7 @@ import pytest
 from blendexp.data import annotate
 from blendexp.data.build import build
 from tests.conftest import REPO
-from tests.data.conftest import build_config
-
-SMALL_SHARDS = ("shard.maxcount=2", "video.max_frames=12", "face.min_score=0.7")
-
-
-def shard_bytes(out: Path) -> dict[str, bytes]:
-    """Name → content of every finished shard in ``out``."""
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, toy_videos: Path, annotators: Path) -> dict[str, bytes]:
-    """An uninterrupted build in this process: 2 clips x 12 frames in shards of 2 samples."""
-    out = tmp_path_factory.mktemp("reference")
-    build(build_config(out, {"clips": toy_videos}, annotators, *SMALL_SHARDS))
-    shards = shard_bytes(out)
-    assert len(shards) == 12, sorted(shards)
-    return shards
+from tests.data.conftest import SMALL_SHARDS, build_config, shard_bytes
 
 
 def test_two_workers_write_the_same_bytes(tmp_path: Path, toy_videos: Path, annotators: Path,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,23 +15,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SLURM_SCRIPTS = REPO / "scripts" / "slurm"
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="session")
-def slurm() -> Iterator[str]:
-    """SLURM_CONF of a running cluster: started here unless .ci/run already did (then left running). A cluster that
-    cannot be started fails the test; sweeps on SLURM are a feature, not an optional extra."""
-    res = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True, timeout=900)
-    found = re.search(r"export SLURM_CONF=(\S+)", res.stdout)
-    if res.returncode != 0 or not found:
-        pytest.fail(f"could not start the local SLURM cluster with {SLURM_SCRIPTS / 'start.sh'} (it needs root to "
-                    f"install slurm-wlm and munge, and free ports 6817-6818):\n{res.stdout}\n{res.stderr[-3000:]}")
-    os.environ["SLURM_CONF"] = found.group(1)
-    yield found.group(1)
-    if "already running" not in res.stderr:
-        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")
