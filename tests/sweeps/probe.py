@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,5 +30,7 @@ class RecordRank(L.Callback):
                 digest.update(name.encode() + p.detach().cpu().numpy().tobytes())
         self.out.mkdir(parents=True, exist_ok=True)
         record = {"rank": trainer.global_rank, "world": trainer.world_size, "keys": self.keys,
-                  "weights": digest.hexdigest(), "step": trainer.global_step}
+                  "weights": digest.hexdigest(), "step": trainer.global_step, "pid": os.getpid(),
+                  "cluster": type(trainer.strategy.cluster_environment).__name__,
+                  "slurm_procid": os.environ.get("SLURM_PROCID"), "slurm_job": os.environ.get("SLURM_JOB_ID")}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
