@@ -30,10 +30,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    out = Path(cfg.out_dir)
+    array: dict[str, Any] = OmegaConf.to_container(cfg.array, resolve=True)  # type: ignore[assignment]
+    out = Path(array["dir"] if array["size"] != 1 else cfg.out_dir)  # parts share one folder, also under -m
     out.mkdir(parents=True, exist_ok=True)
     eval_cfg: dict[str, Any] = OmegaConf.to_container(cfg.eval, resolve=True)  # type: ignore[assignment]
-    result = run_suite(eval_cfg, out, device=cfg.device, seed=cfg.seed)
+    result = run_suite(eval_cfg, out, device=cfg.device, seed=cfg.seed, array=array)
+    if isinstance(result, dict):  # one part of an array evaluation
+        print(f"blendexp: part {result['part']} of {result['size']} evaluated in {result['elapsed_s']:.0f} s "
+              f"({result['methods']}); when every part is done, run the same command with array.index=merge")
+        return {}
     files = write_report(result, out, int(eval_cfg.get("report", {}).get("grid_pairs", 8)))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     for lg in loggers:

@@ -50,12 +50,18 @@ def read_result(path: Path) -> dict[str, Any] | None:
     return record
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Replace ``path`` atomically: a reader never sees half a file."""
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: a reader (or a killed writer) never leaves half a file; the temporary name is
+    this process's, so processes writing the same file at once (array parts) do not collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str, allow_nan=False))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    """``record`` as JSON, written atomically."""
+    write_atomic(path, json.dumps(record, indent=2, default=str, allow_nan=False))
 
 
 def record_attempt(path: Path, record: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from blendexp import config as _config  # noqa: F401  (registers the ${blendexp.*} resolvers)
 from blendexp.data.format import FORMAT_VERSION
 from blendexp.errors import run_entry
+from blendexp.results import write_atomic
 
 if TYPE_CHECKING:  # torch-backed modules load inside the functions: --help and --cfg job compose without them
     from blendexp.data.inputs import Task
@@ -78,13 +79,6 @@ def exclusive(lock: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that a killed build leaves either the old or the new version, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -29,9 +29,11 @@ from blendexp.eval.inputs import Target, check_input, flame_files, flame_targets
 from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method, check_method
 from blendexp.eval.metrics import Estimate, border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
 from blendexp.faces.align import align_ffhq
+from blendexp.flame import EXP_DIM
 from blendexp.faces.annotators import Annotators, FaceReadout, build_annotators
 from blendexp.faces.landmarks import alignment_points
 from blendexp.images import load_image
+from blendexp.results import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,25 @@ class SuiteResult:
     abs_errors: dict[str, np.ndarray]  # method -> (N, 55) absolute FLAME errors of images with a face
     summary: dict[str, dict[str, Estimate]]
     counts: dict[str, dict[str, int]]  # method -> images scored / missing
+
+
+@dataclass(frozen=True)
+class Share:
+    """The share of the work one process does: part ``index`` of ``size`` (an array job), or all of it."""
+
+    index: int = 0
+    size: int = 1
+
+    def slice(self, items: Sequence[Any], unit: int = 1) -> Sequence[Any]:
+        """This part's contiguous run of ``items``, cut at multiples of ``unit`` (scoring batches then are the
+        batches one process makes, so the parts' numbers are that process's, bit for bit)."""
+        blocks = -(-len(items) // unit)
+        return items[self.index * blocks // self.size * unit:(self.index + 1) * blocks // self.size * unit]
+
+    def file(self, name: str) -> str:
+        """``name`` for this part (``inputs.part-0001-of-0004.json``); unchanged for a whole run."""
+        stem, dot, ext = name.partition(".")
+        return name if self.size == 1 else f"{stem}.part-{self.index:04d}-of-{self.size:04d}{dot}{ext}"
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -166,8 +187,8 @@ def check_manifest(folder: Path, settings: dict[str, Any]) -> None:
             diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
             raise ValueError(f"cached generations in {folder} were made with other settings {diff}; delete that "
                              f"folder or evaluate under another run_name=")
-    else:
-        manifest.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    else:  # array parts may start together: each writes the same file whole
+        write_atomic(manifest, json.dumps(settings, indent=2, sort_keys=True))
 
 
 def pair_seed(seed: int, source: str, target: str, k: int) -> int:
@@ -197,15 +218,19 @@ def input_keys(test: EvalSet) -> dict[str, dict[str, str]]:
             "targets": {t.name: _digest(np.round(t.exp, 5)) for t in test.targets}}
 
 
-def drop_stale(method: str, folder: Path, test: EvalSet) -> int:
+def drop_stale(method: str, folder: Path, test: EvalSet, share: Share, jobs: list[tuple[int, int, int]]) -> int:
     """Delete cached images whose source or target changed since they were made (or that predate the record), so
-    they are made again, and record the current inputs first (an interrupted run leaves a consistent cache)."""
-    record = folder / "inputs.json"
-    old = json.loads(record.read_text()) if record.is_file() else {"sources": {}, "targets": {}}
+    they are made again, and record the current inputs first (an interrupted run leaves a consistent cache). An
+    array part looks only at its own ``jobs`` and keeps its own record (the merge writes the shared one)."""
+    record, shared = folder / share.file("inputs.json"), folder / "inputs.json"
+    known = record if record.is_file() else shared
+    old = json.loads(known.read_text()) if known.is_file() else {"sources": {}, "targets": {}}
     new = input_keys(test)
     changed = {role: {n for n, key in new[role].items() if old[role].get(n) != key} for role in new}
+    mine = {generation_path(folder, test.sources[s].name, test.targets[t].name, k) for s, t, k in jobs}
     stale = [p for s in test.sources for p in sorted((folder / s.name).glob("*.png"))
-             if s.name in changed["sources"] or p.stem.rsplit("_", 1)[0] in changed["targets"]]
+             if (s.name in changed["sources"] or p.stem.rsplit("_", 1)[0] in changed["targets"])
+             and (share.size == 1 or p in mine)]
     for path in stale:
         path.unlink()
     if stale:
@@ -213,15 +238,14 @@ def drop_stale(method: str, folder: Path, test: EvalSet) -> int:
             changed["targets"] & {p.stem.rsplit("_", 1)[0] for p in stale})
         log.warning("%s: %d cached images were made from other inputs (%s); generating them again", method,
                     len(stale), ", ".join(names[:8]) + (" ..." if len(names) > 8 else ""))
-    record.write_text(json.dumps({r: {**old[r], **new[r]} for r in new}, indent=1, sort_keys=True))
+    write_atomic(record, json.dumps({r: {**old[r], **new[r]} for r in new}, indent=1, sort_keys=True))
     return len(stale)
 
 
-def generate_missing(method: Arc2FaceMethod, test: EvalSet, folder: Path, samples: int, batch_size: int,
-                     seed: int) -> int:
-    """Generate the images not on disk yet (atomically, so an interrupted run leaves no half-written file)."""
-    drop_stale(method.name, folder, test)
-    jobs = test.pairs(samples)
+def generate_missing(method: Arc2FaceMethod, test: EvalSet, folder: Path, jobs: list[tuple[int, int, int]],
+                     batch_size: int, seed: int, share: Share = Share()) -> int:
+    """Generate those of ``jobs`` not on disk yet (atomically, so an interrupted run leaves no half-written file)."""
+    drop_stale(method.name, folder, test, share, jobs)
     todo = [j for j in jobs if not generation_path(folder, test.sources[j[0]].name, test.targets[j[1]].name,
                                                    j[2]).is_file()]
     log.info("%s: %d/%d images cached, %d to generate", method.name, len(jobs) - len(todo), len(jobs), len(todo))
@@ -289,7 +313,9 @@ def score_images(name: str, jobs: Jobs, test: EvalSet,
             rows.append({"method": name, "source": test.sources[s].name, "target": test.targets[t].name, "sample": k,
                          "path": str(path), "face": bool(faces.found[i]),
                          **{m: float(values[m][i]) for m in PER_IMAGE_METRICS if m in values}})
-    return rows, np.concatenate(errors), torch.cat(feats)  # every method has images (check_external)
+    if not rows:  # an array part whose share of this method is empty
+        return rows, np.zeros((0, EXP_DIM)), torch.zeros(0)
+    return rows, np.concatenate(errors), torch.cat(feats)
 
 
 def real_features(cfg: Mapping[str, Any], test: EvalSet, extractor: torch.nn.Module, batch_size: int,
@@ -334,8 +360,36 @@ def summarise(rows: list[dict[str, Any]], real: torch.Tensor, fake: torch.Tensor
                           int(fid.get("kid_subset_size", 1000)), seed)}
 
 
-def run_suite(cfg: Mapping[str, Any], run_dir: Path, device: str = "cpu", seed: int = 0) -> SuiteResult:
-    """Generate what is missing for every method, then score all images and summarise per method."""
+@dataclass
+class Plan:
+    """Everything set up before the work: methods, their folders and images, the test set and the instruments."""
+
+    cfg: Mapping[str, Any]
+    methods: list[Method]
+    folders: dict[str, Path]
+    test: EvalSet
+    jobs: dict[str, Jobs]
+    missing: dict[str, int]
+    annotators: Annotators
+    extractor: torch.nn.Module
+    samples: int
+    gen_batch: int
+    batch: int
+    device: str
+    seed: int
+
+    def fingerprint(self) -> str:
+        """What a part's scores depend on: the inputs, every setting but the report's, the seed."""
+        settings = {k: v for k, v in self.cfg.items() if k != "report"}
+        blob = json.dumps([input_keys(self.test), settings, self.seed], sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()
+
+
+Scores = dict[str, tuple[list[dict[str, Any]], np.ndarray, torch.Tensor]]  # method -> rows, abs errors, features
+
+
+def plan_suite(cfg: Mapping[str, Any], run_dir: Path, device: str, seed: int) -> Plan:
+    """Check the inputs and methods, load the instruments and the test set, list every image to score."""
     for role in ("source", "target"):
         check_input(cfg[f"{role}s"]["path"], role)
     flame_targets = read_flame_targets(cfg["targets"])  # a bad FLAME file fails before any model loads
@@ -358,15 +412,48 @@ def run_suite(cfg: Mapping[str, Any], run_dir: Path, device: str = "cpu", seed: 
              len(test.targets), samples, len(test.skipped))
     jobs = {m.name: image_paths(m, test, samples, folders[m.name]) for m in methods}
     missing = {m.name: check_external(m, jobs[m.name]) if isinstance(m, FolderMethod) else 0 for m in methods}
-    for m in methods:
+    return Plan(cfg, methods, folders, test, jobs, missing, annotators, extractor, samples, gen_batch, batch, device,
+                seed)
+
+
+def run_share(plan: Plan, share: Share) -> tuple[Scores, dict[str, dict[str, int]]]:
+    """Generate this share's missing images, then score its images; returns the scores and what was done."""
+    mine = {m.name: share.slice([(job, path) for job, path in plan.jobs[m.name] if path is not None], plan.batch)
+            for m in plan.methods}  # a part generates the images it scores
+    done: dict[str, dict[str, int]] = {m.name: {"generated": 0} for m in plan.methods}
+    for m in plan.methods:
         if isinstance(m, Arc2FaceMethod):
-            generate_missing(m, test, folders[m.name], samples, gen_batch, seed)
-    real = real_features(cfg["fid"], test, extractor, batch, device)
+            done[m.name]["generated"] = generate_missing(m, plan.test, plan.folders[m.name],
+                                                         [job for job, _ in mine[m.name]], plan.gen_batch, plan.seed,
+                                                         share)
+    scores = {m.name: score_images(m.name, mine[m.name], plan.test, plan.annotators, plan.extractor, plan.batch,
+                                   plan.device) for m in plan.methods}
+    for name, (rows, _, _) in scores.items():
+        done[name]["scored"] = len(rows)
+    return scores, done
+
+
+def summarise_suite(plan: Plan, scores: Scores) -> SuiteResult:
+    """FID's real set, then every method's summary with intervals from its scores."""
+    real = real_features(plan.cfg["fid"], plan.test, plan.extractor, plan.batch, plan.device)
     rows: list[dict[str, Any]] = []
     abs_errors, summary, counts = {}, {}, {}
-    for m in methods:
-        m_rows, abs_errors[m.name], fake = score_images(m.name, jobs[m.name], test, annotators, extractor, batch, device)
-        summary[m.name] = summarise(m_rows, real, fake, cfg["fid"], seed)
-        counts[m.name] = {"images": len(m_rows), "missing": missing[m.name]}
+    for m in plan.methods:
+        m_rows, abs_errors[m.name], fake = scores[m.name]
+        summary[m.name] = summarise(m_rows, real, fake, plan.cfg["fid"], plan.seed)
+        counts[m.name] = {"images": len(m_rows), "missing": plan.missing[m.name]}
         rows += m_rows
-    return SuiteResult(test, pd.DataFrame(rows), abs_errors, summary, counts)
+    return SuiteResult(plan.test, pd.DataFrame(rows), abs_errors, summary, counts)
+
+
+def run_suite(cfg: Mapping[str, Any], run_dir: Path, device: str = "cpu", seed: int = 0,
+              array: Mapping[str, Any] | None = None) -> SuiteResult | dict[str, Any]:
+    """Generate what is missing for every method, then score all images and summarise per method. With
+    ``array.size`` > 1: one part of that work (``array.index``; returns its progress), or the merge of the parts'
+    scores (``merge``), or every part in turn and then the merge (null) (eval/array.py)."""
+    from blendexp.eval.array import check_array, run_array
+
+    if array and check_array(array)[0] > 1:
+        return run_array(plan_suite(cfg, run_dir, device, seed), run_dir, array)
+    plan = plan_suite(cfg, run_dir, device, seed)
+    return summarise_suite(plan, run_share(plan, Share())[0])
