@@ -46,6 +46,9 @@ GOALS = {
     "generate_overhead": Goal("<=", 1.02, "ExpressionPipeline / plain diffusers pipeline, same images"),
     "build_workers": Goal(">=", 1.8, "shard build, 2 workers / 1 worker, wall-clock speed-up"),
     "cached_latents": Goal(">=", 1.5, "training step, VAE encoding on the fly / cached latents, 256 px"),
+    # scale_out.py (its own command: it needs a SLURM cluster and takes many minutes, so run_all.py leaves it out)
+    "scale_out_build": Goal(">=", 1.7, "shard build on SLURM, 1 task / 2 array tasks, wall-clock speed-up"),
+    "scale_out_eval": Goal(">=", 1.7, "evaluation on SLURM, 1 task / 2 array tasks, wall-clock speed-up"),
 }
 
 

@@ -3,6 +3,8 @@
 # slurmd, all state under $BLENDEXP_SLURM_DIR (default /tmp/blendexp-slurm). Installs slurm-wlm and munge with
 # apt-get when they are missing (needs root). Idempotent: a running cluster is left as it is.
 # Then: export SLURM_CONF=$BLENDEXP_SLURM_DIR/slurm.conf   (sbatch, squeue, scancel and submitit read it)
+# Each task is bound to the CPUs SLURM gave it (task/affinity), as cgroups do on real clusters: a job asking for
+# one CPU computes on one core, so array tasks and DDP ranks never share a core.
 set -euo pipefail
 DIR=${BLENDEXP_SLURM_DIR:-/tmp/blendexp-slurm}
 PORT=${BLENDEXP_SLURM_PORT:-6817}          # slurmctld; slurmd listens on PORT+1
@@ -49,7 +51,7 @@ SlurmdPidFile=$DIR/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
