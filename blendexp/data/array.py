@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blendexp.data.build import Packed, ShardPacker, is_remote, pack, plan_fingerprint, shard_url, write_reports
+from blendexp.data.packing import Packed, ShardPacker, is_remote, pack, plan_fingerprint, shard_url, write_reports
 from blendexp.results import write_atomic
 
 if TYPE_CHECKING:

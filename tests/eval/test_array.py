@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from blendexp.eval import suite
 from blendexp.evaluate import evaluate
 from tests.conftest import REPO
 from tests.eval.conftest import SHRINK, eval_config
@@ -24,7 +25,8 @@ def common(tiny_base, tiny_annotators: Path) -> list[str]:
     return [f"paths.tiny_base={tiny_base[0].parent}", f"eval.annotators.tiny_root={tiny_annotators}", *SMALL]
 
 
-def test_missing_part_is_named_and_partial_merge_says_so(tmp_path: Path, tiny_base, tiny_annotators: Path) -> None:
+def test_missing_part_is_named_and_partial_merge_says_so(tmp_path: Path, tiny_base, tiny_annotators: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     def cfg(*overrides: str):
         return eval_config(tmp_path, *common(tiny_base, tiny_annotators), "array.size=2", f"array.dir={tmp_path}",
                            *overrides)
@@ -32,11 +34,22 @@ def test_missing_part_is_named_and_partial_merge_says_so(tmp_path: Path, tiny_ba
     assert evaluate(cfg("array.index=1")) == {}
     with pytest.raises(ValueError, match=r"1 of 2 parts are incomplete: part 0 .*not finished .*array.allow_partial"):
         evaluate(cfg("array.index=merge"))
+
+    def lost(*args, **kwargs):  # part 0's node goes away while it generates
+        raise RuntimeError("node lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(suite, "generate_missing", lost)
+        with pytest.raises(RuntimeError, match="node lost"):
+            evaluate(cfg("array.index=0"))
+    with pytest.raises(ValueError, match=r"part 0 .*: failed: RuntimeError: node lost"):
+        evaluate(cfg("array.index=merge"))
     assert not (tmp_path / "results.csv").exists()
     evaluate(cfg("array.index=merge", "array.allow_partial=true"))
     results = pd.read_csv(tmp_path / "results.csv").set_index("method")
     assert list(results["images"]) == [5, 5]  # part 1: its batches of 3 and 2
-    assert "partial array merge: 1 of 2 parts missing (part 0: not finished" in (tmp_path / "results.md").read_text()
+    assert "partial array merge: 1 of 2 parts missing (part 0: failed: RuntimeError: node lost)" in (
+        tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="array.index must be 0..1"):
         evaluate(cfg("array.index=2"))
 
