@@ -247,7 +247,7 @@ def write_reports(cfg: Mapping[str, Any], packers: Mapping[str, ShardPacker | Pa
             "rejects": {k: reasons[k] for k in REASONS if reasons[k]},
             "face_px": {"min": min(px), "median": float(np.median(px)), "max": max(px)} if px else None,
             "smirk_box_crops": sum(r.get("box_crops", 0) for r in reports)}  # faces the mesh missed
-        if not samples:
+        if not samples and stats["sources"][source]["inputs"]:  # (an array part may hold no inputs of a source)
             log.warning("source %s produced no samples; see %s", source, out / "rejects.jsonl")
     write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
     write_atomic(out / "rejects.jsonl", "".join(rejects))
