@@ -258,15 +258,16 @@ def load_expression_adapter(unet: UNet2DConditionModel, path: str | Path, scale:
     if len(state["ip_adapter"]) != 2 * len(layers):
         raise ValueError(f"{path}: {len(state['ip_adapter'])} ip_adapter tensors for a UNet with {len(layers)} "
                          f"cross-attention layers (expected {2 * len(layers)}); was it trained on another base?")
+    first = state["image_proj"].get("proj.weight", state["image_proj"].get("proj.0.weight"))
+    if first is not None and (width := first.shape[1]) != EXP_DIM:  # checked before the UNet is changed
+        raise ValueError(f"{path} projects a {width}-d input (an image adapter?); the Expression Adapter reads the "
+                         f"{EXP_DIM}-d FLAME vector")
     try:
         unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
     except (KeyError, RuntimeError) as err:
         raise ValueError(f"{path} does not fit this base's cross-attention layers ({err}); was it trained on "
                          f"another base?") from err
     cfg = describe_projection(unet.encoder_hid_proj.image_projection_layers[0])
-    if (width := _input_layer(unet).in_features) != EXP_DIM:
-        raise ValueError(f"{path} projects a {width}-d input (an image adapter?); the Expression Adapter reads the "
-                         f"{EXP_DIM}-d FLAME vector")
     procs = unet.attn_processors
     for name, _ in layers:
         procs[name].scale = [scale]

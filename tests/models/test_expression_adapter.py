@@ -177,5 +177,9 @@ def test_an_image_adapter_is_refused_with_the_reason(tiny_base, tmp_path: Path) 
                            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}  # a CLIP-image adapter
     torch.save(state, tmp_path / "ad" / "exp_adapter.bin")
     (tmp_path / "ad" / "exp_adapter.safetensors").unlink()
+    unet = Arc2FaceBase.from_pretrained(*tiny_base).unet
+    before = {name: type(proc) for name, proc in unet.attn_processors.items()}
     with pytest.raises(ValueError, match="projects a 1024-d input .* reads the 55-d FLAME vector"):
-        load_expression_adapter(Arc2FaceBase.from_pretrained(*tiny_base).unet, tmp_path / "ad")
+        load_expression_adapter(unet, tmp_path / "ad")
+    assert unet.encoder_hid_proj is None  # refused before anything was attached
+    assert {name: type(proc) for name, proc in unet.attn_processors.items()} == before
