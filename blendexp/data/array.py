@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +29,38 @@ log = logging.getLogger(__name__)
 MERGE = "merge"
 
 
-def check_array(c: dict[str, Any]) -> None:
-    """``array.size`` >= 1 and ``array.index`` one of 0..size-1, ``merge`` or null; remote parts need ``{part}``."""
-    size, index = c["array"]["size"], c["array"]["index"]
+def check_index(array: Mapping[str, Any]) -> tuple[int, int | str | None]:
+    """``array.size`` >= 1 and ``array.index`` one of 0..size-1, ``merge`` or null (builds and evaluations alike)."""
+    size, index = array["size"], array["index"]
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"array.size must be a whole number >= 1, not {size!r}")
     if index is not None and index != MERGE and not (isinstance(index, int) and 0 <= index < size):
         raise ValueError(f"array.index must be 0..{size - 1} (this process's part), 'merge' or null (every part in "
                          f"this process), not {index!r}")
+    return size, index
+
+
+@contextmanager
+def recording_failure(folder: Path) -> Iterator[None]:
+    """Run one part; its error goes to ``folder/failed.json`` for the merge to name (cleared when it runs again)."""
+    failed = folder / "failed.json"
+    failed.unlink(missing_ok=True)
+    try:
+        yield
+    except Exception as err:
+        write_atomic(failed, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+        raise
+
+
+def failure(folder: Path) -> str | None:
+    """``failed: <error>`` of a part that recorded one."""
+    failed = folder / "failed.json"
+    return f"failed: {json.loads(failed.read_text())['error']}" if failed.is_file() else None
+
+
+def check_array(c: dict[str, Any]) -> None:
+    """A valid ``array`` block; remote parts need ``{part}`` in ``shard_url``."""
+    size, _ = check_index(c["array"])
     if size > 1 and c["shard_url"] and is_remote(c["shard_url"]) and "{part" not in c["shard_url"]:
         raise ValueError("with array.size > 1 each part writes its own remote shards: put {part} in shard_url, e.g. "
                          "'pipe:aws s3 cp - s3://bucket/{source}-{part:04d}-{index:06d}.tar'")
@@ -73,14 +99,8 @@ def part_config(c: dict[str, Any], index: int) -> dict[str, Any]:
 def build_part(c: dict[str, Any], plan: dict[str, list[Task]], index: int) -> dict[str, Any]:
     """Build one part; a failure is recorded in its folder (``failed.json``) for the merge to report."""
     pc = part_config(c, index)
-    failed = Path(pc["out"]) / "failed.json"
-    failed.unlink(missing_ok=True)
-    try:
+    with recording_failure(Path(pc["out"])):
         result = pack(pc, split_plan(plan, c["array"]["size"], c["video"]["max_frames"])[index])
-    except Exception as err:
-        failed.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(failed, json.dumps({"error": f"{type(err).__name__}: {err}"}))
-        raise
     return {**result, "array": {"part": index, "size": c["array"]["size"]}}
 
 
@@ -98,15 +118,13 @@ def build_array(c: dict[str, Any], plan: dict[str, list[Task]]) -> dict[str, Any
 def part_state(pc: dict[str, Any], tasks: dict[str, list[Task]]) -> str | None:
     """None when every source of the part is packed, else what is missing (and the part's error, if it failed)."""
     work, packed = Path(pc["work_dir"]), 0
+    if all((work / f"{source}.complete").exists() for source in tasks):
+        return None
     for source in tasks:
         journal = work / f"{source}.journal.jsonl"
         packed += sum(line.endswith("}") for line in journal.read_text().splitlines()) if journal.exists() else 0
     total = sum(len(t) for t in tasks.values())
-    if all((work / f"{source}.complete").exists() for source in tasks):
-        return None
-    failed = Path(pc["out"]) / "failed.json"
-    why = f"failed: {json.loads(failed.read_text())['error']}" if failed.exists() else "not finished"
-    return f"{why}; {packed} of {total} tasks packed"
+    return f"{failure(Path(pc['out'])) or 'not finished'}; {packed} of {total} tasks packed"
 
 
 def check_fingerprint(pc: dict[str, Any], tasks: dict[str, list[Task]]) -> None:

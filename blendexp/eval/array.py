@@ -20,24 +20,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from blendexp.data.array import check_index, failure, recording_failure
 from blendexp.eval.suite import Plan, Scores, Share, SuiteResult, input_keys, run_share, summarise_suite
 from blendexp.results import write_atomic
 
 log = logging.getLogger(__name__)
-MERGE = "merge"
-
-
-def check_array(array: Mapping[str, Any]) -> tuple[int, int | str | None]:
-    """``array.size`` >= 1 and ``array.index`` one of 0..size-1, ``merge`` or null."""
-    size, index = array["size"], array["index"]
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"array.size must be a whole number >= 1, not {size!r}")
-    if index is not None and index != MERGE and not (isinstance(index, int) and 0 <= index < size):
-        raise ValueError(f"array.index must be 0..{size - 1} (this process's part), 'merge' or null (every part in "
-                         f"this process), not {index!r}")
-    return size, index
-
-
 def part_dir(run_dir: Path, share: Share) -> Path:
     """Where part ``share.index`` keeps its scores and state."""
     return run_dir / "array" / f"part-{share.index:04d}-of-{share.size:04d}"
@@ -47,14 +34,10 @@ def save_part(plan: Plan, run_dir: Path, share: Share) -> dict[str, Any]:
     """Generate and score one part; store its scores, then ``done.json`` (or ``failed.json`` with the error)."""
     folder = part_dir(run_dir, share)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("done.json", "failed.json"):
-        (folder / name).unlink(missing_ok=True)
+    (folder / "done.json").unlink(missing_ok=True)
     start = time.perf_counter()
-    try:
+    with recording_failure(folder):
         scores, done = run_share(plan, share)
-    except Exception as err:
-        write_atomic(folder / "failed.json", json.dumps({"error": f"{type(err).__name__}: {err}"}))
-        raise
     for method, (rows, errors, feats) in scores.items():
         write_atomic(folder / f"{method}.rows.json", json.dumps(rows))
         with (folder / f"{method}.npz").open("wb") as f:
@@ -72,9 +55,7 @@ def part_state(run_dir: Path, share: Share, fingerprint: str) -> str | None:
         if json.loads((folder / "done.json").read_text())["fingerprint"] == fingerprint:
             return None
         return "made from other inputs or settings than these (re-run it)"
-    if (folder / "failed.json").is_file():
-        return f"failed: {json.loads((folder / 'failed.json').read_text())['error']}"
-    return "not finished (never started, or killed: re-run it to resume from its images on disk)"
+    return failure(folder) or "not finished (never started, or killed: re-run it to resume from its images on disk)"
 
 
 def load_part(plan: Plan, run_dir: Path, share: Share) -> Scores:
@@ -130,7 +111,7 @@ def merge(plan: Plan, run_dir: Path, size: int, allow_partial: bool) -> SuiteRes
 
 def run_array(plan: Plan, run_dir: Path, array: Mapping[str, Any]) -> SuiteResult | dict[str, Any]:
     """One part (its summary), the merge, or every part in turn and then the merge."""
-    size, index = check_array(array)
+    size, index = check_index(array)
     if isinstance(index, int):
         return save_part(plan, run_dir, Share(index, size))
     if index is None:

@@ -29,9 +29,9 @@ from blendexp.eval.inputs import Target, check_input, flame_files, flame_targets
 from blendexp.eval.methods import Arc2FaceMethod, FolderMethod, Method, build_method, check_method
 from blendexp.eval.metrics import Estimate, border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
 from blendexp.faces.align import align_ffhq
-from blendexp.flame import EXP_DIM
 from blendexp.faces.annotators import Annotators, FaceReadout, build_annotators
 from blendexp.faces.landmarks import alignment_points
+from blendexp.flame import EXP_DIM
 from blendexp.images import load_image
 from blendexp.results import write_atomic
 
@@ -243,7 +243,7 @@ def drop_stale(method: str, folder: Path, test: EvalSet, share: Share, jobs: lis
 
 
 def generate_missing(method: Arc2FaceMethod, test: EvalSet, folder: Path, jobs: list[tuple[int, int, int]],
-                     batch_size: int, seed: int, share: Share = Share()) -> int:
+                     batch_size: int, seed: int, share: Share) -> int:
     """Generate those of ``jobs`` not on disk yet (atomically, so an interrupted run leaves no half-written file)."""
     drop_stale(method.name, folder, test, share, jobs)
     todo = [j for j in jobs if not generation_path(folder, test.sources[j[0]].name, test.targets[j[1]].name,
@@ -372,7 +372,6 @@ class Plan:
     missing: dict[str, int]
     annotators: Annotators
     extractor: torch.nn.Module
-    samples: int
     gen_batch: int
     batch: int
     device: str
@@ -412,8 +411,7 @@ def plan_suite(cfg: Mapping[str, Any], run_dir: Path, device: str, seed: int) ->
              len(test.targets), samples, len(test.skipped))
     jobs = {m.name: image_paths(m, test, samples, folders[m.name]) for m in methods}
     missing = {m.name: check_external(m, jobs[m.name]) if isinstance(m, FolderMethod) else 0 for m in methods}
-    return Plan(cfg, methods, folders, test, jobs, missing, annotators, extractor, samples, gen_batch, batch, device,
-                seed)
+    return Plan(cfg, methods, folders, test, jobs, missing, annotators, extractor, gen_batch, batch, device, seed)
 
 
 def run_share(plan: Plan, share: Share) -> tuple[Scores, dict[str, dict[str, int]]]:
@@ -451,9 +449,10 @@ def run_suite(cfg: Mapping[str, Any], run_dir: Path, device: str = "cpu", seed: 
     """Generate what is missing for every method, then score all images and summarise per method. With
     ``array.size`` > 1: one part of that work (``array.index``; returns its progress), or the merge of the parts'
     scores (``merge``), or every part in turn and then the merge (null) (eval/array.py)."""
-    from blendexp.eval.array import check_array, run_array
+    from blendexp.data.array import check_index
+    from blendexp.eval.array import run_array
 
-    if array and check_array(array)[0] > 1:
+    if array and check_index(array)[0] > 1:
         return run_array(plan_suite(cfg, run_dir, device, seed), run_dir, array)
     plan = plan_suite(cfg, run_dir, device, seed)
     return summarise_suite(plan, run_share(plan, Share())[0])
