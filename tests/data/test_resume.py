@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,21 @@ def test_two_workers_write_the_same_bytes(tmp_path: Path, toy_videos: Path, anno
     assert shard_bytes(tmp_path) == reference
 
 
+# The user's build command, killed with its worker right after its third shard's done marker (mid-way through the
+# first clip): a fault at a fixed point, not a race against a build that may finish first on a fast machine.
+KILLED_BUILD = """
+import os, runpy, signal, sys
+from blendexp.data import packing
+close = packing.ShardPacker._close
+def close_then_die(self, next_start):
+    close(self, next_start)
+    if len(self.markers) == 3:
+        os.killpg(0, signal.SIGKILL)
+packing.ShardPacker._close = close_then_die
+runpy.run_module("blendexp.data.build", run_name="__main__")
+"""
+
+
 @pytest.mark.slow  # a real CLI subprocess: ~20 s, mostly imports
 def test_killed_build_resumes_to_identical_shards(tmp_path: Path, toy_videos: Path, annotators: Path,
                                                   reference: dict[str, bytes]) -> None:
@@ -31,16 +45,12 @@ def test_killed_build_resumes_to_identical_shards(tmp_path: Path, toy_videos: Pa
     args = [f"out={tmp_path}", f"+sources.clips.inputs={toy_videos}", "num_workers=1", "face.detector=mtcnn",
             f"tiny_annotators={annotators}", "identity.path=null", "expression.smirk=null", "face.size=64",
             "face.min_size=24", f"paths.outputs={tmp_path}/logs", *SMALL_SHARDS]
-    proc = subprocess.Popen([sys.executable, "-m", "blendexp.data.build", *args], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_marker = tmp_path / ".build" / "clips-000000.done"
-    deadline = time.monotonic() + 300
-    while not first_marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the build and its worker, mid-way
-    proc.wait()
-    assert first_marker.exists(), "the build never finished a shard"
-    assert not (tmp_path / ".build" / "clips.complete").exists(), "killed too late to test resuming"
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, *args], cwd=REPO, start_new_session=True,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    work = tmp_path / ".build"
+    assert sorted(p.name for p in work.glob("*.done")) == [f"clips-{i:06d}.done" for i in range(3)]
+    assert not (work / "clips.complete").exists()
     build(cfg)
     assert shard_bytes(tmp_path) == reference
     assert not list(tmp_path.glob("*.tmp"))
