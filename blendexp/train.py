@@ -44,9 +44,27 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         from blendexp.eval.after_training import method_kind
 
         method_kind(model)  # a recipe the suite cannot score fails now, not after training
+    project_gpu_memory(cfg, model)
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer, callbacks, loggers
+
+
+def project_gpu_memory(cfg: DictConfig, model: L.LightningModule) -> None:
+    """On a GPU with the real-size base, print the memory model's projection for this batch before starting."""
+    import torch
+
+    from blendexp.memory_model import report
+    from blendexp.models.full_size import PARAMETERS
+
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator not in ("gpu", "cuda") and not (accelerator == "auto" and torch.cuda.is_available()):
+        return
+    if sum(p.numel() for p in model.unet.parameters()) < PARAMETERS["unet"]:
+        return  # a toy or tiny base: the model was fitted at real size
+    capacity = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    report(cfg.task_name, int(cfg.data.image_size), bool(cfg.model.get("gradient_checkpointing")),
+           int(cfg.data.batch_size), str(cfg.trainer.get("precision", "32")), cfg.get("memory_model"), capacity)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -29,16 +29,20 @@ PINS = ["diffusers==0.29.2", "transformers==4.36.0", "huggingface_hub==0.23.4", 
 DEFAULT_ENV = Path(__file__).resolve().parent.parent / ".cache" / "official-diffusers-0.29.2"
 
 
-def generate(models: Path, base_models: Path, sd15: Path, seed: int) -> dict[str, np.ndarray]:
+def generate(models: Path, base_models: Path, sd15: Path, seed: int,
+             size: int | None = None) -> dict[str, np.ndarray]:
     """The official demo's loading calls (load_ip_adapter from models/exp_adapter, load_lora_weights from
-    models/ref_adapter as "ref"), then 2 DPM-Solver steps per LoRA scale; plain diffusers only, no blendexp."""
+    models/ref_adapter as "ref"), then 2 DPM-Solver steps per LoRA scale at ``size`` px (default: the UNet's);
+    plain diffusers only, no blendexp."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(str(base_models), subfolder="arc2face")
-    encoder = CLIPTextModel.from_pretrained(str(base_models), subfolder="encoder")
-    pipe = StableDiffusionPipeline.from_pretrained(str(sd15), text_encoder=encoder, unet=unet, safety_checker=None)
+    fp32 = {"torch_dtype": torch.float32}  # on CPU; the official weights are stored in float16
+    unet = UNet2DConditionModel.from_pretrained(str(base_models), subfolder="arc2face", **fp32)
+    encoder = CLIPTextModel.from_pretrained(str(base_models), subfolder="encoder", **fp32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd15), text_encoder=encoder, unet=unet, safety_checker=None,
+                                                   **fp32)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     has_exp, has_ref = (models / "exp_adapter").is_dir(), (models / "ref_adapter").is_dir()
@@ -51,7 +55,7 @@ def generate(models: Path, base_models: Path, sd15: Path, seed: int) -> dict[str
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)  # the ID prompt's embeddings
     exp = torch.randn(1, 1, 55, generator=g)
-    size = 8 * unet.config.sample_size
+    size = size or 8 * unet.config.sample_size
     out = {}
     for lora_scale in ([0.0, 1.0] if has_ref else [None]):
         if lora_scale is not None:

@@ -16,10 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_SCRIPTS = REPO / "scripts" / "slurm"
-# The two longest files (the quick toy build, the reduced closed loop: minutes each) start first, one per worker, so
-# each runs beside the rest of the suite instead of after it (pyproject's --no-loadscope-reorder keeps this order:
+# The longest files (the quick toy build, the reduced closed loop, the real-size recipes: minutes each) start first,
+# so each runs beside the rest of the suite instead of after it (pyproject's --no-loadscope-reorder keeps this order:
 # xdist otherwise hands out the files with the most tests first).
-LONGEST_FIRST = ("tests/toyworld/test_assets.py", "tests/eval/test_closed_loop.py")
+LONGEST_FIRST = ("tests/toyworld/test_assets.py", "tests/eval/test_closed_loop.py", "tests/models/test_full_size.py")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
