@@ -12,15 +12,16 @@ encoder), written to ``--root`` when it is not there yet. For each recipe (``+ex
   and generates with 2 sampling steps at the trained size;
 * measurements, in one fresh process per setting (without and with ``model.gradient_checkpointing``): trained and
   frozen parameters, seconds per float32 training step (the module's loss, backward and AdamW on the DataModule's
-  batches of the shipped sample shards, resized) and the process's peak RSS; then the memory model: the weights (all of them), gradients and AdamW state are
-  counted from the module and its optimizer, and torch's profiler (``profile_memory``, its memory timeline by
-  category) gives the highest transient memory (activations, temporaries, autograd buffers) of one forward and
-  backward at batch 1 and at batch 2, with every condition present, and of one optimizer step. peak(B) =
-  persistent + max(transient(1) + (B - 1) x per-sample, optimizer step's transient). The bf16-mixed projection
+  batches of the shipped sample shards, resized) and the process's peak RSS; then the memory model: the weights
+  (all of them), gradients and AdamW state are counted from the module and its optimizer, and torch's profiler
+  (``profile_memory``, its memory timeline by category) gives the highest transient memory (activations,
+  temporaries, autograd buffers) of one forward and backward at batch 1 and at batch 2, with every condition
+  present, and of one optimizer step. peak(B) = persistent + max(transient(1) + (B - 1) x per-sample, optimizer
+  step's transient). The bf16-mixed projection
   (``trainer=gpu``) re-expresses it by a stated rule, since bf16 convolutions take minutes on CPUs without bf16
   units: weights, gradients, AdamW state and its step stay float32, forward and backward transients take half,
-  plus autocast's bf16 copy of the trained weights. Projected GPU memory per batch size and the largest batch that fits 24, 40 and
-  80 GiB follow. A projection, not a GPU measurement: the CUDA context, cuDNN workspaces and allocator
+  plus autocast's bf16 copy of the trained weights. Projected GPU memory per batch size and the largest batch that
+  fits 24, 40 and 80 GiB follow. A projection, not a GPU measurement: the CUDA context, cuDNN workspaces and allocator
   fragmentation are not in it.
 
 Results go to ``--out`` (default ``benchmarks/results/real_size-<date>.json``) after every finished setting; a
@@ -44,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blendexp.memory_model import GIB, SHIPPED, largest_batch, project
+from blendexp.memory_model import GIB, SHIPPED, largest_batch, project, setting_key
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ("expr_adapter", "ref_adapter", "arc2face_base")
@@ -90,17 +91,16 @@ def measure(recipe: str, size: int, checkpointing: bool, root: Path, steps: int)
     o = cfg.model.optim
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
 
-    def step(rows: dict[str, Any]) -> None:
-        """One optimisation step: the bare loop of the module's loss, backward and AdamW."""
-        loss = model.forward_loss(rows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def forward_backward(n: int) -> None:
+        """The module's loss on the first ``n`` rows and its gradients (kept allocated, as between steps)."""
+        opt.zero_grad(set_to_none=False)
+        model.forward_loss(first(batch, n)).backward()
 
     seconds = []
     for _ in range(steps + 1):  # the first step allocates the optimizer state (untimed unless steps=0)
         start = time.perf_counter()
-        step(first(batch, 1))
+        forward_backward(1)
+        opt.step()
         seconds.append(time.perf_counter() - start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model.dropout_cfg = {}  # every condition present: the reference UNet runs in every measured step
@@ -116,10 +116,6 @@ def measure(recipe: str, size: int, checkpointing: bool, root: Path, steps: int)
         by_category = [dict(zip(CATEGORIES, row[1:])) for row in sizes]
         return max(({k: v for k, v in row.items() if k not in PERSISTENT} for row in by_category),
                    key=lambda row: sum(row.values()))
-
-    def forward_backward(n: int) -> None:
-        opt.zero_grad(set_to_none=False)
-        model.forward_loss(first(batch, n)).backward()
 
     transient = {n: transient_peak(lambda n=n: forward_backward(n)) for n in (1, 2)}
     transient["optimizer"] = transient_peak(opt.step)
@@ -262,7 +258,7 @@ def main() -> None:
                     results["user_path"][key] = user_path(recipe, size, root, Path(tmp) / "runs")
                     out.write_text(json.dumps(results, indent=1))
                 for gc in checkpointing:
-                    mkey = f"{key}/checkpointing={gc}"
+                    mkey = setting_key(recipe, size, gc)
                     if mkey not in results["measured"] or "error" in results["measured"][mkey]:
                         print(f"measuring: {mkey}", flush=True)
                         results["measured"][mkey] = worker({"recipe": recipe, "size": size, "gradient_checkpointing":

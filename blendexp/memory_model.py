@@ -2,9 +2,10 @@
 
 For each recipe, image size and gradient-checkpointing setting the benchmark counts the persistent memory (weights,
 gradients, optimizer state) and measures the transient memory of a training step at batch 1 and 2: peak(B) =
-max(fixed + B x per_sample, floor), in float32 and re-expressed for bf16 mixed precision. ``blendexp/memory_model.json`` is the shipped fit (the
-benchmark writes it); a run on a GPU with the real-size base prints its projection and warns when the batch would
-not fit the GPU. A projection, not a measurement: the CUDA context and allocator fragmentation come on top.
+max(fixed + B x per_sample, floor), in float32 and re-expressed for bf16 mixed precision.
+``blendexp/memory_model.json`` is the shipped fit (the benchmark writes it); a run on a GPU with the real-size base
+prints its projection and warns when the batch would not fit the GPU. A projection, not a measurement: the CUDA
+context and allocator fragmentation come on top.
 """
 
 from __future__ import annotations
