@@ -162,6 +162,19 @@ def adapter_parameters(unet: UNet2DConditionModel) -> list[torch.nn.Parameter]:
     return params
 
 
+def train_adapter(unet: UNet2DConditionModel, train: bool = True) -> None:
+    """Let the adapter learn (or freeze it); a single token's ``to_k_ip`` stays frozen: attention over one key is 1
+    whatever the key, so its gradient is rounding noise that Adam would blow up to full-size steps."""
+    for p in adapter_parameters(unet):
+        p.requires_grad_(train)
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    with torch.no_grad():  # (diffusers records 257 tokens for a loaded "Full" projection; its output says 1)
+        tokens = proj(torch.zeros(1, EXP_DIM, device=unet.device, dtype=unet.dtype)).shape[-2]
+    if tokens == 1:
+        for name, _ in _ip_layers(unet):
+            unet.attn_processors[name].to_k_ip.requires_grad_(False)
+
+
 def _projection_keys(projection: torch.nn.Module) -> dict[str, str]:
     """diffusers parameter name → official (IP-Adapter) key of the projection."""
     if isinstance(projection, ImageProjection):

@@ -10,12 +10,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from blendexp.models.expression_adapter import (
-    adapter_parameters,
     attach_expression_adapter,
     EXPORT_DIR,
     load_expression_adapter,
     save_expression_adapter,
     scale_adapter_input,
+    train_adapter,
 )
 from blendexp.models.sampling import sample
 from blendexp.modules.diffusion import DiffusionModule
@@ -36,8 +36,7 @@ class ExpressionAdapterModule(DiffusionModule):
                 scale_adapter_input(self.unet, adapter["input_scale"], keep_weights=True)
         else:
             attach_expression_adapter(self.unet, **adapter)
-        for p in adapter_parameters(self.unet):
-            p.requires_grad_(True)
+        train_adapter(self.unet)
 
     def forward_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Diffusion loss for one batch of (image, id, exp); dropped expressions become zeros."""

@@ -14,10 +14,10 @@ from diffusers import StableDiffusionPipeline
 
 from blendexp.models.expression_adapter import (
     EXPORT_DIR,
-    adapter_parameters,
     attach_expression_adapter,
     load_expression_adapter,
     save_expression_adapter,
+    train_adapter,
 )
 from blendexp.models.reference_adapter import (
     LORA_DIR,
@@ -75,8 +75,7 @@ class ReferenceAdapterModule(DiffusionModule):
             add_reference_lora(self.unet, **lora)
         add_reference_reader(self.unet)
         # After peft, which leaves only LoRA weights trainable when it attaches an adapter.
-        for p in adapter_parameters(self.unet):
-            p.requires_grad_(train_expression)
+        train_adapter(self.unet, train_expression)
         for p in reference_lora_parameters(self.unet):
             p.requires_grad_(True)
 

@@ -156,6 +156,7 @@ def test_fine_tuning_reads_and_writes_every_official_projection_format(tiny_base
     torch.testing.assert_close(module.unet(x, t, states, added_cond_kwargs={"image_embeds": [exp]}).sample,
                                theirs.unet(x, t, states, added_cond_kwargs={"image_embeds": [exp]}).sample)
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    assert any("to_k_ip" in n for n in before) == (cfg["num_tokens"] > 1)  # one token's keys are never read: frozen
     opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
     module.forward_loss({"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "id": torch.randn(2, 512),
                          "exp": torch.randn(2, 55)}).backward()
