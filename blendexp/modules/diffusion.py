@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
@@ -75,15 +75,18 @@ class DiffusionModule(L.LightningModule):
         was_training = self.training
         self.eval()
         prompts = self.id_embeds(id_emb.to(self.device, self.dtype))
-        images = self.sample_rows(pipe, prompts, exp.to(self.device, self.dtype), seeds, reference,
-                                  dict(steps=steps, guidance=guidance, size=size))
+        exp, common = exp.to(self.device, self.dtype), dict(steps=steps, guidance=guidance, size=size)
+        if self.row_conditions(exp, reference, 0):  # diffusers hands a call's expression and reference to all rows
+            images = np.concatenate([sample(pipe, prompts[i:i + 1], [seed], **self.row_conditions(exp, reference, i),
+                                            **common) for i, seed in enumerate(seeds)])
+        else:
+            images = sample(pipe, prompts, seeds, **common)
         self.train(was_training)
         return list(images)
 
-    def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],
-                    reference: torch.Tensor | None, common: dict[str, Any]) -> np.ndarray:
-        """Every identity in one call (a base has no expression input); adapters override this."""
-        return sample(pipe, prompts, seeds, **common)
+    def row_conditions(self, exp: torch.Tensor, reference: torch.Tensor | None, i: int) -> dict[str, Any]:
+        """What sample row ``i`` is conditioned on besides its identity; a base has nothing more (one call for all)."""
+        return {}
 
     def trainable_names(self) -> set[str]:
         """Names of the parameters this recipe trains (the only ones a checkpoint keeps)."""

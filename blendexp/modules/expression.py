@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 
 from blendexp.models.expression_adapter import (
     attach_expression_adapter,
@@ -17,7 +15,6 @@ from blendexp.models.expression_adapter import (
     scale_adapter_input,
     train_adapter,
 )
-from blendexp.models.sampling import sample
 from blendexp.modules.diffusion import DiffusionModule
 
 
@@ -57,8 +54,6 @@ class ExpressionAdapterModule(DiffusionModule):
         reads it."""
         return save_expression_adapter(self.unet, Path(folder) / "models" / EXPORT_DIR)
 
-    def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],
-                    reference: torch.Tensor | None, common: dict[str, Any]) -> np.ndarray:
-        """One call per row: diffusers hands a call's expression tokens to all of its rows."""
-        return np.concatenate([sample(pipe, prompts[i:i + 1], [seed], exp=exp[i:i + 1], **common)
-                               for i, seed in enumerate(seeds)])
+    def row_conditions(self, exp: torch.Tensor, reference: torch.Tensor | None, i: int) -> dict[str, Any]:
+        """Row ``i``'s expression."""
+        return {"exp": exp[i:i + 1]}

@@ -8,9 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 
 from blendexp.models.expression_adapter import (
     EXPORT_DIR,
@@ -31,7 +29,6 @@ from blendexp.models.reference_adapter import (
     reference_unet,
     save_reference_lora,
 )
-from blendexp.models.sampling import sample
 from blendexp.modules.diffusion import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -113,9 +110,7 @@ class ReferenceAdapterModule(DiffusionModule):
             files += save_expression_adapter(self.unet, Path(folder) / "models" / EXPORT_DIR)
         return files
 
-    def sample_rows(self, pipe: StableDiffusionPipeline, prompts: torch.Tensor, exp: torch.Tensor, seeds: list[int],
-                    reference: torch.Tensor | None, common: dict[str, Any]) -> np.ndarray:
-        """One call per row in reference mode (each row's own reference, the trained LoRA scale)."""
-        refs = [None if reference is None else reference[i:i + 1].to(self.device, self.dtype) for i in range(len(seeds))]
-        return np.concatenate([sample(pipe, prompts[i:i + 1], [seed], exp=exp[i:i + 1], ref_unet=self.ref_unet,
-                                      reference=refs[i], **common) for i, seed in enumerate(seeds)])
+    def row_conditions(self, exp: torch.Tensor, reference: torch.Tensor | None, i: int) -> dict[str, Any]:
+        """Row ``i``'s expression and, in reference mode, its own reference (at the trained LoRA scale)."""
+        ref = None if reference is None else reference[i:i + 1].to(self.device, self.dtype)
+        return {"exp": exp[i:i + 1], "ref_unet": self.ref_unet, "reference": ref}
