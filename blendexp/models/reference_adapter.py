@@ -294,6 +294,6 @@ def fused_lora(unet: UNet2DConditionModel, adapter_name: str = ADAPTER_NAME) -> 
     try:
         yield
     finally:
-        for m, w in zip(layers, saved):
-            m.unmerge()
+        for m, w in zip(layers, saved):  # peft's unmerge() would subtract first, only to be overwritten
             m.get_base_layer().weight.data.copy_(w)
+            m.merged_adapters.remove(adapter_name)
