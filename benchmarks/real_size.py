@@ -38,6 +38,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,8 @@ def train(args: list[str]) -> subprocess.CompletedProcess:
     """``python -m blendexp.train`` as a user runs it; fails loudly."""
     res = subprocess.run([sys.executable, "-m", "blendexp.train", *args], cwd=REPO, text=True, capture_output=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if res.returncode == -signal.SIGKILL:
+        raise RuntimeError(f"blendexp.train {' '.join(args)} was killed (SIGKILL: out of memory, most likely)")
     if res.returncode != 0:
         raise RuntimeError(f"blendexp.train {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     return res
@@ -253,9 +256,16 @@ def main() -> None:
         for size in sizes:
             for recipe in a.recipes:
                 key = f"{recipe}/{size}"
-                if key not in results["user_path"] and not (a.quick and recipe != a.recipes[0]):
+                done = "error" not in results["user_path"].get(key, {"error": "not run"})
+                if not done and not (a.quick and recipe != a.recipes[0]):
                     print(f"user path: {key}", flush=True)
-                    results["user_path"][key] = user_path(recipe, size, root, Path(tmp) / "runs")
+                    try:
+                        results["user_path"][key] = user_path(recipe, size, root, Path(tmp) / "runs")
+                    except RuntimeError as e:  # recorded (e.g. out of memory) and retried by the next run
+                        if a.quick:
+                            raise
+                        results["user_path"][key] = {"recipe": recipe, "size": size, "error": str(e)}
+                        print(f"user path {key} failed: {str(e).splitlines()[0]}", flush=True)
                     out.write_text(json.dumps(results, indent=1))
                 for gc in checkpointing:
                     mkey = setting_key(recipe, size, gc)

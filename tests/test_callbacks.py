@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from blendexp.callbacks import Checkpoint, preview_order
 from blendexp.images import image_grid
+from tests.test_configs import resolved
 
 
 def test_preview_picks_distinct_subjects_then_other_donors() -> None:
@@ -56,3 +60,28 @@ def test_checkpoint_saves_by_steps_and_by_time(tmp_path: Path) -> None:
 def test_checkpoint_rejects_negative_minutes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="callbacks.checkpoint.every_minutes must be >= 0"):
         Checkpoint(dirpath=tmp_path, every_minutes=-1)
+
+
+def python_peak_bytes(save: Any, *args: Any) -> int:
+    """Peak Python-heap memory allocated while ``save(*args)`` runs."""
+    tracemalloc.start()
+    try:
+        save(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_checkpoints_stream_to_disk_and_a_failed_save_keeps_the_previous_file(tmp_path: Path) -> None:
+    cfg, _ = resolved("train", [], tmp_path)
+    io = instantiate(cfg.trainer, logger=False).strategy.checkpoint_io  # the Trainer users get
+    state, mib = {"w": torch.arange(8 * 2**20, dtype=torch.float32)}, 2**20  # 32 MiB
+    path = tmp_path / "ckpts" / "last.ckpt"
+    # Lightning's own writer holds the whole serialised checkpoint in a buffer before it writes a byte
+    assert python_peak_bytes(TorchCheckpointIO().save_checkpoint, state, tmp_path / "lightning.ckpt") > 32 * mib
+    assert python_peak_bytes(io.save_checkpoint, state, path) < 4 * mib
+    assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
+    with pytest.raises(Exception):  # an unpicklable object fails the save half-way
+        io.save_checkpoint({"w": state["w"] + 1, "bad": lambda: 0}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
