@@ -4,7 +4,7 @@
 Each method's images are cut into N contiguous runs at multiples of the scoring batch, so every part makes and
 scores exactly the batches one process would: the merge's numbers (FID/KID from the stored per-image features, every
 mean and interval) equal a single-process evaluation of the same generations. A part stores its per-image rows,
-absolute FLAME errors and FID features under ``<run>/array/part-<i>-of-<N>/`` with a summary of what it did
+target and read FLAME vectors and FID features under ``<run>/array/part-<i>-of-<N>/`` with a summary of what it did
 (``done.json``, written last) or its error (``failed.json``); generations go to the shared cache as always, so a killed
 part resumes from its images on disk.
 """
@@ -38,10 +38,10 @@ def save_part(plan: Plan, run_dir: Path, share: Share) -> dict[str, Any]:
     start = time.perf_counter()
     with recording_failure(folder):
         scores, done = run_share(plan, share)
-    for method, (rows, errors, feats) in scores.items():
+    for method, (rows, readings, feats) in scores.items():
         write_atomic(folder / f"{method}.rows.json", json.dumps(rows))
         with (folder / f"{method}.npz").open("wb") as f:
-            np.savez(f, errors=errors, features=feats.numpy())
+            np.savez(f, expression=readings, features=feats.numpy())
     summary = {"part": share.index, "size": share.size, "fingerprint": plan.fingerprint(), "methods": done,
                "elapsed_s": round(time.perf_counter() - start, 1)}
     write_atomic(folder / "done.json", json.dumps(summary, indent=1))
@@ -59,12 +59,12 @@ def part_state(run_dir: Path, share: Share, fingerprint: str) -> str | None:
 
 
 def load_part(plan: Plan, run_dir: Path, share: Share) -> Scores:
-    """A finished part's rows, absolute errors and features per method."""
+    """A finished part's rows, FLAME readings and features per method."""
     folder, scores = part_dir(run_dir, share), {}
     for m in plan.methods:
         with np.load(folder / f"{m.name}.npz") as data:
-            errors, feats = data["errors"], torch.from_numpy(data["features"])
-        scores[m.name] = (json.loads((folder / f"{m.name}.rows.json").read_text()), errors, feats)
+            readings, feats = data["expression"], torch.from_numpy(data["features"])
+        scores[m.name] = (json.loads((folder / f"{m.name}.rows.json").read_text()), readings, feats)
     return scores
 
 
@@ -73,9 +73,9 @@ def join(plan: Plan, parts: list[Scores]) -> Scores:
     out: Scores = {}
     for m in plan.methods:
         rows = [r for p in parts for r in p[m.name][0]]
-        errors = np.concatenate([p[m.name][1] for p in parts])
+        readings = np.concatenate([p[m.name][1] for p in parts])
         feats = [p[m.name][2] for p in parts if len(p[m.name][2])]
-        out[m.name] = (rows, errors, torch.cat(feats) if feats else torch.zeros(0))
+        out[m.name] = (rows, readings, torch.cat(feats) if feats else torch.zeros(0))
     return out
 
 

@@ -4,7 +4,8 @@ Per-image metrics are summarised as a mean with a Student-t 95% confidence inter
 the point estimate uses every image, the interval is a bootstrap over the generated images (the real set stays
 fixed), shifted by the bootstrap bias: a resample repeats images, which inflates FID and KID, so raw percentiles
 would sit above the full-set estimate. FID and KID are torchmetrics' own, fed with features computed once per image set (``features.py``), so the
-bootstrap re-uses them instead of re-running the feature network.
+bootstrap re-uses them instead of re-running the feature network. Ratios of two methods' means over the same
+(source, target) pairs get a two-way bootstrap interval: sources and targets resampled independently.
 """
 
 from __future__ import annotations
@@ -166,3 +167,36 @@ def set_metrics(real: torch.Tensor, fake: torch.Tensor, bootstrap: int = 20, kid
             low, high = (float(q) - bias for q in np.percentile(draws[key], [2.5, 97.5]))
         out[key] = Estimate(value, low, high, len(fake))
     return out
+
+
+def cell_totals(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and count of ``values`` per (source, target) cell (``rows``, ``cols`` are their indices); NaNs left out."""
+    keep = np.isfinite(values)
+    sums, counts = np.zeros(shape), np.zeros(shape)
+    np.add.at(sums, (rows[keep], cols[keep]), values[keep])
+    np.add.at(counts, (rows[keep], cols[keep]), 1)
+    return sums, counts
+
+
+def two_way_ratio(numerator: tuple[np.ndarray, np.ndarray], denominator: tuple[np.ndarray, np.ndarray],
+                  resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> Estimate:
+    """Ratio of two means over (source, target) cells with a two-way bootstrap 95% interval: sources and targets
+    are each resampled with replacement, since a study's pairs share both, and an image-level bootstrap would treat
+    one source's many images as independent evidence. Both means use the same draws (a paired ratio)."""
+    (num_s, num_n), (den_s, den_n) = numerator, denominator
+    rng = np.random.default_rng(seed)
+    n_src, n_tgt = num_s.shape
+    ws = rng.multinomial(n_src, np.full(n_src, 1 / n_src), size=resamples).astype(float)
+    wt = rng.multinomial(n_tgt, np.full(n_tgt, 1 / n_tgt), size=resamples).astype(float)
+
+    def mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.einsum("bs,st,bt->b", ws, sums, wt) / np.einsum("bs,st,bt->b", ws, counts, wt)
+
+    point = (num_s.sum() / num_n.sum()) / (den_s.sum() / den_n.sum())
+    ratios = mean(num_s, num_n) / mean(den_s, den_n)
+    ratios = ratios[np.isfinite(ratios)]
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(ratios, [tail, 100 - tail]) if len(ratios) else (math.nan, math.nan)
+    return Estimate(float(point), float(low), float(high), int(num_n.sum()))

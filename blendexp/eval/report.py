@@ -80,8 +80,22 @@ def markdown_table(result: SuiteResult) -> str:
 
 def component_errors(result: SuiteResult) -> pd.DataFrame:
     """Mean absolute error of each of the 55 FLAME components (rows) per method (columns)."""
-    return pd.DataFrame({m: e.mean(axis=0) if len(e) else np.full(len(COMPONENT_NAMES), np.nan)
-                         for m, e in result.abs_errors.items()}, index=list(COMPONENT_NAMES))
+    return pd.DataFrame({m: np.abs(r[:, 1] - r[:, 0]).mean(axis=0) if len(r) else np.full(len(COMPONENT_NAMES), np.nan)
+                         for m, r in result.expression.items()}, index=list(COMPONENT_NAMES))
+
+
+def expression_per_image(result: SuiteResult) -> pd.DataFrame:
+    """Each image with a face: its method, source, target, sample, and the 55 target and read FLAME values
+    (``target.<component>``, ``read.<component>``): what per-component correlations and resampled intervals need."""
+    keys, values = ["method", "source", "target", "sample"], [f"{kind}.{c}" for kind in ("target", "read")
+                                                              for c in COMPONENT_NAMES]
+    frames = []
+    for method, readings in result.expression.items():
+        if len(readings):
+            rows = result.per_image[(result.per_image["method"] == method) & result.per_image["face"]]
+            frames.append(pd.concat([rows[keys].reset_index(drop=True),
+                                     pd.DataFrame(readings.reshape(len(readings), -1), columns=values)], axis=1))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=keys + values)
 
 
 def component_plot(components: pd.DataFrame, path: Path) -> Path:
@@ -153,6 +167,7 @@ def write_report(result: SuiteResult, out: Path, grid_pairs: int = 8) -> dict[st
     result.per_image.to_csv(out / "per_image.csv", index=False)
     components = component_errors(result)
     components.to_csv(out / "expression_components.csv", index_label="component")
+    expression_per_image(result).to_csv(out / "expression_per_image.csv", index=False, float_format="%.6g")
     skipped = pd.DataFrame([vars(s) for s in result.test.skipped], columns=["role", "origin", "reason"])
     skipped.to_csv(out / "skipped.csv", index=False)
     table = markdown_table(result)

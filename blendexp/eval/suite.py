@@ -74,7 +74,7 @@ class SuiteResult:
 
     test: EvalSet
     per_image: pd.DataFrame
-    abs_errors: dict[str, np.ndarray]  # method -> (N, 55) absolute FLAME errors of images with a face
+    expression: dict[str, np.ndarray]  # method -> (N, 2, 55) target and read FLAME of the images with a face
     summary: dict[str, dict[str, Estimate]]
     counts: dict[str, dict[str, int]]  # method -> images scored / missing
 
@@ -294,8 +294,8 @@ def check_external(method: FolderMethod, jobs: Jobs) -> int:
 def score_images(name: str, jobs: Jobs, test: EvalSet,
                  annotators: Annotators, extractor: torch.nn.Module, batch_size: int, device: str
                  ) -> tuple[list[dict[str, Any]], np.ndarray, torch.Tensor]:
-    """Per-image rows, (N, 55) absolute FLAME errors and FID features of one method's images."""
-    rows, errors, feats = [], [], []
+    """Per-image rows, (N, 2, 55) target and read FLAME vectors of images with a face, FID features."""
+    rows, readings, feats = [], [], []
     present = [(job, path) for job, path in jobs if path is not None]
     for batch in tqdm(list(chunks(present, batch_size)), desc=f"score {name}", disable=None):
         images = [load_image(path) for _, path in batch]
@@ -308,14 +308,14 @@ def score_images(name: str, jobs: Jobs, test: EvalSet,
                   "bg_l1": border_l1(images, [x.aligned for x in src])}
         if faces.facenet is not None:
             values["id_sim_facenet"] = cosine_similarity(faces.facenet, np.stack([x.facenet for x in src]))
-        errors.append(err["abs"][faces.found])
+        readings.append(np.stack([tgt, faces.exp], axis=1)[faces.found].astype(np.float32))
         for i, ((s, t, k), path) in enumerate(batch):
             rows.append({"method": name, "source": test.sources[s].name, "target": test.targets[t].name, "sample": k,
                          "path": str(path), "face": bool(faces.found[i]),
                          **{m: float(values[m][i]) for m in PER_IMAGE_METRICS if m in values}})
     if not rows:  # an array part whose share of this method is empty
-        return rows, np.zeros((0, EXP_DIM)), torch.zeros(0)
-    return rows, np.concatenate(errors), torch.cat(feats)
+        return rows, np.zeros((0, 2, EXP_DIM), np.float32), torch.zeros(0)
+    return rows, np.concatenate(readings), torch.cat(feats)
 
 
 def real_features(cfg: Mapping[str, Any], test: EvalSet, extractor: torch.nn.Module, batch_size: int,
@@ -384,7 +384,7 @@ class Plan:
         return hashlib.sha1(blob.encode()).hexdigest()
 
 
-Scores = dict[str, tuple[list[dict[str, Any]], np.ndarray, torch.Tensor]]  # method -> rows, abs errors, features
+Scores = dict[str, tuple[list[dict[str, Any]], np.ndarray, torch.Tensor]]  # method -> rows, FLAME readings, features
 
 
 def plan_suite(cfg: Mapping[str, Any], run_dir: Path, device: str, seed: int) -> Plan:
@@ -435,13 +435,13 @@ def summarise_suite(plan: Plan, scores: Scores) -> SuiteResult:
     """FID's real set, then every method's summary with intervals from its scores."""
     real = real_features(plan.cfg["fid"], plan.test, plan.extractor, plan.batch, plan.device)
     rows: list[dict[str, Any]] = []
-    abs_errors, summary, counts = {}, {}, {}
+    expression, summary, counts = {}, {}, {}
     for m in plan.methods:
-        m_rows, abs_errors[m.name], fake = scores[m.name]
+        m_rows, expression[m.name], fake = scores[m.name]
         summary[m.name] = summarise(m_rows, real, fake, plan.cfg["fid"], plan.seed)
         counts[m.name] = {"images": len(m_rows), "missing": plan.missing[m.name]}
         rows += m_rows
-    return SuiteResult(plan.test, pd.DataFrame(rows), abs_errors, summary, counts)
+    return SuiteResult(plan.test, pd.DataFrame(rows), expression, summary, counts)
 
 
 def run_suite(cfg: Mapping[str, Any], run_dir: Path, device: str = "cpu", seed: int = 0,

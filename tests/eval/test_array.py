@@ -74,10 +74,11 @@ def test_slurm_parts_merge_to_the_numbers_of_one_process(slurm: str, tmp_path: P
     res = cli("array.index=merge")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "part 0 of 2" in res.stdout + res.stderr and "part 1 of 2" in res.stdout + res.stderr  # progress per part
-    merged = pd.read_csv(run / "results.csv")
+    merged, merged_readings = pd.read_csv(run / "results.csv"), pd.read_csv(run / "expression_per_image.csv")
 
     # One process on the same generations (it generates nothing): every number, intervals and FID/KID included.
     evaluate(eval_config(run, *common(tiny_base, tiny_annotators)))
     single = pd.read_csv(run / "results.csv")
     assert list(merged["images"]) == [8, 8]
     pd.testing.assert_frame_equal(merged, single, check_exact=True)
+    pd.testing.assert_frame_equal(merged_readings, pd.read_csv(run / "expression_per_image.csv"), check_exact=True)

@@ -39,6 +39,18 @@ def test_default_command_writes_report_and_reruns_from_cache(tmp_path: Path, tin
     table = (run / "results.md").read_text()
     assert "| expr_ref | 18 |" in table and "ID sim (ArcFace) ↑" in table and str(run / "results.md") in res.stdout
     assert Image.open(run / "expression_components.png").size[0] > 500
+    # every image with a face, keyed, with its 55 target and read values: the components' errors recomputed from it
+    readings, per_image = pd.read_csv(run / "expression_per_image.csv"), pd.read_csv(run / "per_image.csv")
+    faces = per_image[per_image["face"]]
+    pd.testing.assert_frame_equal(readings[["method", "source", "target", "sample"]],
+                                  faces[["method", "source", "target", "sample"]].reset_index(drop=True))
+    components = pd.read_csv(run / "expression_components.csv", index_col="component")
+    for method, group in readings.groupby("method"):
+        errors = {c: (group[f"read.{c}"] - group[f"target.{c}"]).abs().mean() for c in components.index}
+        np.testing.assert_allclose(pd.Series(errors).to_numpy(), components[method].to_numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(group[[f"read.{c}" for c in components.index]].sub(
+            group[[f"target.{c}" for c in components.index]].to_numpy()).abs().mean(axis=1).to_numpy(),
+            faces[faces["method"] == method]["exp_mae"].to_numpy(), rtol=1e-4, atol=1e-6)
     grid = Image.open(run / "grids" / "grid_000.png")
     assert grid.size[0] == 2 + 5 * (64 + 2)  # source | target | three methods, 64 px cells
     tables = list((run / "wandb").glob("offline-run-*/files/media/table/eval/results_*.table.json"))

@@ -11,7 +11,15 @@ import torch
 
 from blendexp.data.image_sets import read_images
 from blendexp.eval.features import FID_WEIGHTS_URL, FIDInceptionV3, PixelFeatures, image_features, load_fid_inception
-from blendexp.eval.metrics import border_l1, cosine_similarity, expression_errors, mean_ci, set_metrics
+from blendexp.eval.metrics import (
+    border_l1,
+    cell_totals,
+    cosine_similarity,
+    expression_errors,
+    mean_ci,
+    set_metrics,
+    two_way_ratio,
+)
 from blendexp.faces.annotators import Annotators
 from blendexp.flame import EXP_DIM, EYELIDS, JAW
 from tests.conftest import REPO
@@ -117,3 +125,31 @@ def test_background_distance_sees_only_the_border(faces: list[np.ndarray]) -> No
     assert d[2] == pytest.approx(np.abs(255 - 2 * face[:8].astype(float)).mean() * 8 * 64 / (64 * 64 - 48 * 48) / 255)
     small = np.asarray(face[::2, ::2])  # a reference of another size is resized first
     assert border_l1([small], [face])[0] < 0.1
+
+
+def _pairs(n_src: int, n_tgt: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (source, target) pair once, with a value that varies mostly by source (as ID similarity does)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n_src), np.arange(n_tgt), indexing="ij"))
+    values = 1 + rng.normal(0, 0.3, n_src)[rows] + rng.normal(0, 0.05, rows.size)
+    return rows, cols, values
+
+
+def test_two_way_ratio_is_exact_for_a_constant_ratio_and_narrows_with_more_sources() -> None:
+    rows, cols, values = _pairs(6, 5, seed=0)
+    values[3] = np.nan  # an image without a face: left out of both sums and counts
+    base = cell_totals(values, rows, cols, (6, 5))
+    assert base[1].sum() == 29
+    doubled = cell_totals(2 * values, rows, cols, (6, 5))
+    ratio = two_way_ratio(doubled, base)
+    assert ratio.mean == pytest.approx(2.0) and ratio.low == pytest.approx(2.0) and ratio.high == pytest.approx(2.0)
+
+    def width(n_src: int, n_tgt: int) -> float:
+        r, c, v = _pairs(n_src, n_tgt, seed=1)
+        ours = cell_totals(v * (1 + 0.2 * (r % 2)), r, c, (n_src, n_tgt))  # half the sources gain 20%
+        est = two_way_ratio(ours, cell_totals(v, r, c, (n_src, n_tgt)))
+        assert est.low <= est.mean <= est.high
+        return est.high - est.low
+
+    assert width(64, 8) < width(4, 8) / 2  # more sources: a narrower interval
+    assert width(4, 64) > width(4, 8) / 2  # more targets of the same 4 sources: hardly narrower (not 8x the evidence)
