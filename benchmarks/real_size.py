@@ -152,9 +152,10 @@ def train(args: list[str]) -> subprocess.CompletedProcess:
     res = subprocess.run([sys.executable, "-m", "blendexp.train", *args], cwd=REPO, text=True, capture_output=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if res.returncode == -signal.SIGKILL:
-        raise RuntimeError(f"blendexp.train {' '.join(args)} was killed (SIGKILL: out of memory, most likely)")
+        raise RuntimeError(f"killed (SIGKILL: out of memory, most likely): python -m blendexp.train {' '.join(args)}")
     if res.returncode != 0:
-        raise RuntimeError(f"blendexp.train {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"exit status {res.returncode}: python -m blendexp.train {' '.join(args)}\n"
+                           f"{res.stderr[-3000:]}")
     return res
 
 
@@ -202,6 +203,19 @@ def worker(setting: dict[str, Any]) -> dict[str, Any]:
     if res.returncode != 0 or not lines:
         return {**setting, "error": f"exit status {res.returncode}: {res.stderr[-1500:]}"}
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def user_table(results: dict[str, Any]) -> str:
+    """Markdown: per recipe and size, the user's path (train, resume, export, plain-diffusers generation) or its error."""
+    rows = ["| recipe | px | train 1 step s | resume 1 step s | generate s | exported files | checkpoint GiB |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results["user_path"].values():
+        if "error" in r:
+            rows.append(f"| {r['recipe']} | {r['size']} | failed: {r['error'].split(': python')[0]} |||||")
+            continue
+        rows.append(f"| {r['recipe']} | {r['size']} | {r['train_1_step_s']} | {r['resume_1_step_s']} | "
+                    f"{r['generate_s']} | {len(r['exported'])} | {r['checkpoint_bytes'] / GIB:.2f} |")
+    return "\n".join(rows)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -274,9 +288,9 @@ def main() -> None:
                         results["measured"][mkey] = worker({"recipe": recipe, "size": size, "gradient_checkpointing":
                                                             gc, "root": str(root), "steps": steps})
                         out.write_text(json.dumps(results, indent=1))
-    results["table"] = table(results)
+    results["table"], results["user_table"] = table(results), user_table(results)
     out.write_text(json.dumps(results, indent=1))
-    print(results["table"])
+    print(results["user_table"], results["table"], sep="\n\n")
     print(f"wrote {out}")
     if not a.quick:  # the fit training runs read (blendexp/memory_model.py)
         shutil.copy(out, SHIPPED)
