@@ -1,6 +1,6 @@
 """Arc2Face at its real size on CPU: every recipe end to end, its cost, and a memory model projected to GPUs.
 
-    python benchmarks/real_size.py [--root DIR] [--sizes 256 512] [--recipes ...] [--quick] [--out FILE]
+    python benchmarks/real_size.py [--root DIR] [--sizes 256 512] [--recipes ...] [--quick] [--out FILE] [--report]
 
 The base is the full-size random Arc2Face of ``blendexp.models.full_size`` (SD 1.5 UNet and VAE, CLIP ViT-L/14 text
 encoder), written to ``--root`` when it is not there yet. For each recipe (``+experiment=expr_adapter``,
@@ -26,7 +26,8 @@ encoder), written to ``--root`` when it is not there yet. For each recipe (``+ex
 
 Results go to ``--out`` (default ``benchmarks/results/real_size-<date>.json``) after every finished setting; a
 rerun with the same ``--out`` keeps finished settings and does the rest. A full run also copies them to
-``blendexp/memory_model.json``, from which a real-size training run on a GPU prints its projection. ``--quick``
+``blendexp/memory_model.json``, from which a real-size training run on a GPU prints its projection (``--report``
+does only that and prints the tables, e.g. after a run stopped part-way). ``--quick``
 (the test): 128 px, no gradient-checkpointing runs, the first step's time, the user's path for the first recipe.
 """
 
@@ -218,6 +219,14 @@ def user_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def write_tables(results: dict[str, Any], out: Path) -> None:
+    """Store both tables in the results and print them."""
+    results["table"], results["user_table"] = table(results), user_table(results)
+    out.write_text(json.dumps(results, indent=1))
+    print(results["user_table"], results["table"], sep="\n\n")
+    print(f"wrote {out}")
+
+
 def table(results: dict[str, Any]) -> str:
     """Markdown: per recipe, size and checkpointing, the measured CPU figures and the bf16 GPU projection."""
     rows = ["| recipe | px | grad. ckpt | trained / frozen params | s/step (CPU fp32) | peak RSS GiB | "
@@ -245,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="128 px, no gradient checkpointing, first step timed, "
                    "user path for the first recipe only")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/real_size-<date>.json)")
+    p.add_argument("--report", action="store_true", help="run nothing: print and store the tables of --out's results "
+                   "and ship them as blendexp/memory_model.json (e.g. after a run stopped part-way)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
 
@@ -262,6 +273,10 @@ def main() -> None:
     sizes, checkpointing, steps = ([128], [False], 0) if a.quick else (a.sizes, [False, True], a.steps)
     out = a.out or REPO / "benchmarks" / "results" / f"real_size-{datetime.date.today()}.json"
     results = json.loads(out.read_text()) if out.is_file() else {"user_path": {}, "measured": {}}
+    if a.report:
+        write_tables(results, out)
+        shutil.copy(out, SHIPPED)
+        return
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         root = a.root or Path(tmp) / "base"
@@ -288,10 +303,7 @@ def main() -> None:
                         results["measured"][mkey] = worker({"recipe": recipe, "size": size, "gradient_checkpointing":
                                                             gc, "root": str(root), "steps": steps})
                         out.write_text(json.dumps(results, indent=1))
-    results["table"], results["user_table"] = table(results), user_table(results)
-    out.write_text(json.dumps(results, indent=1))
-    print(results["user_table"], results["table"], sep="\n\n")
-    print(f"wrote {out}")
+    write_tables(results, out)
     if not a.quick:  # the fit training runs read (blendexp/memory_model.py)
         shutil.copy(out, SHIPPED)
         print(f"wrote {SHIPPED}")
