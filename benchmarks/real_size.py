@@ -212,7 +212,8 @@ def user_table(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|"]
     for r in results["user_path"].values():
         if "error" in r:
-            rows.append(f"| {r['recipe']} | {r['size']} | failed: {r['error'].split(': python')[0]} |||||")
+            why = "killed: out of memory, most likely" if "SIGKILL" in r["error"] else r["error"].splitlines()[0][:80]
+            rows.append(f"| {r['recipe']} | {r['size']} | failed ({why}) |||||")
             continue
         rows.append(f"| {r['recipe']} | {r['size']} | {r['train_1_step_s']} | {r['resume_1_step_s']} | "
                     f"{r['generate_s']} | {len(r['exported'])} | {r['checkpoint_bytes'] / GIB:.2f} |")
