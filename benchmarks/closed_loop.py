@@ -1,35 +1,47 @@
 """Closed loop in the toy world: do trained adapters do what they are asked, as the toy annotators read it back?
 
-    python benchmarks/closed_loop.py [--toy .cache/toy] [--expr-steps 4500] [--ref-steps 600] [--expr-scale 2] [--check]
+    python benchmarks/closed_loop.py --split val --calibrate [--toy .cache/toy]   # choose the adapter scale
+    python benchmarks/closed_loop.py [--toy .cache/toy] [--check]                  # report on the test split
 
 ``--toy`` is the root ``python -m blendexp.toyworld.assets`` builds: the trained toy Arc2Face base (``base/``), its
 still shards (``shards/``), talking-head clip shards (``clips/``), the toy ArcFace ONNX and SMIRK checkpoint in the
 official layout (``annotators/``) and the build's ``metrics.json``; or the repository's copy ``data/toy`` (models
 only: then ``--data`` names a folder with ``shards/`` and ``clips/``). Through the user entry points, the benchmark
-trains an Expression Adapter on the base and stills (``EXPR_RECIPE``), then a Reference Adapter on clip pairs with
-that Expression Adapter frozen (each reused when its run folder already holds an export), and evaluates
-``arc2face``, ``expr_adapter`` and ``expr_ref`` on 12 held-out toy faces × the expressions of all 128 held-out faces.
+trains an Expression Adapter on the base and stills (``+experiment=closed_loop_expr``), then a Reference Adapter on
+clip pairs with that Expression Adapter frozen (``+experiment=closed_loop_ref``; each reused when its run folder
+already holds an export), and evaluates ``arc2face``, ``expr_adapter`` and ``expr_ref`` on one split of the
+held-out stills.
 
-Goals, all measured in this run, each ratio with a two-way bootstrap 95% interval (sources and targets resampled
-independently, ``--resamples``):
+Splits, fixed here before any tuning: the held-out stills' subjects (in shard order, never trained on) are halved;
+``val`` is the first half, ``test`` the second. Each split's sources are one face per subject and its targets the
+expressions of its own faces, so validation and test share no identity and no target expression. Every choice is
+made on ``val``: ``--calibrate`` evaluates the Expression Adapter at each scale of a grid on ``val`` and writes the
+chosen one (the lowest expression error among the scales that keep ID similarity >= 0.9x Arc2Face's) to
+``--calibration``, with what it was made with (split, base, adapter, data, negative expression). A ``test`` run reads
+that file, refuses one made with anything else, and records it; ``--expr-scale`` overrides it (recorded as such).
+
+Goals (on ``test``), each ratio with a two-way bootstrap 95% interval (sources and targets resampled independently,
+``--resamples``):
   * pooled expression error of expr_adapter <= 0.5x arc2face's with the interval's top <= 0.6, over the components
     the toy SMIRK reads on decoded faces (MAE on VAE round trips of held-out faces at most half the mean
     predictor's in metrics.json: on the others every method gets the annotator's own error);
   * ID similarity of expr_adapter >= 0.9x arc2face's;
-  * expr_ref's background L1 to the reference photo below expr_adapter's: the interval's top < 1 (the Reference
+  * expr_ref's background L1 to the reference below expr_adapter's: the interval's top < 1 (the Reference
     Adapter keeps appearance).
 Prints the table, each readable component's error and target/read correlation per method, and writes all of it to
-``<out>/closed_loop.json`` (``closed_loop_scale<s>.json`` at another ``--expr-scale``); with ``--check`` exits 1 when a
-goal is missed.
+``<out>/closed_loop.json`` (``closed_loop_val.json`` on ``val``, ``_negmean`` with ``--negative-expression mean``);
+with ``--check`` exits 1 when a goal is missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
 import time
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +52,14 @@ from blendexp.eval.metrics import cell_totals, two_way_ratio
 
 REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, EXPR_HIGH, ID_GOAL, READABLE = 0.5, 0.6, 0.9, 0.5  # ratio goals; EXPR_HIGH: its interval's top
-# The Expression Adapter recipe of the closed loop (experiments/input_scale): an MLP projection to 16 tokens, trained
-# as if the jaw were read 30x and the eyelids 10x, steers the toy jaw most precisely of the variants measured.
-EXPR_RECIPE = ("model.adapter.projection=mlp", "model.adapter.num_tokens=16",
-               "model.adapter.input_scale={exp:1.0,eyelid:10.0,jaw:30.0}")
-# The adapter's scale at evaluation, calibrated on training identities x training expressions (never the held-out
-# test faces; a hand-written sampling loop of the same settings on 12 x 12 training pairs): jaw MAE 0.057 / 0.048 /
-# 0.041 / 0.040 at scale 1 / 1.5 / 2 / 2.5 while ID similarity falls; 2 is where the gain levels off.
-EXPR_SCALE = 2.0
+SPLITS = ("val", "test")  # halves of the held-out stills' subjects: val chooses, test reports
+SCALE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0)  # --calibrate's default scales
+CALIBRATE = "python benchmarks/closed_loop.py --split val --calibrate, with this run's flags"
+
+GOALS = [("expr_adapter / arc2face expression error", "expr_ratio", f"<= {EXPR_GOAL}, interval top <= {EXPR_HIGH}",
+          "expr_goal_met"),
+         ("expr_adapter / arc2face ID similarity", "id_ratio", f">= {ID_GOAL}", "id_goal_met"),
+         ("expr_ref / expr_adapter background L1", "bg_l1_ref_vs_expr", "interval top < 1", "ref_goal_met")]
 
 
 def toy_layout(toy: Path) -> dict[str, Path]:
@@ -77,6 +89,45 @@ def readable_components(toy: dict[str, Path]) -> list[str]:
     return [name.split(" (")[0] for name, (mae, mean) in per.items() if mae <= READABLE * mean]
 
 
+def digest(files: list[Path]) -> str:
+    """SHA-256 (16 hex digits) of these files' names and bytes: what a calibration was made with."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def provenance(toy: dict[str, Path], data: Path, expr: Path, negative: str) -> dict[str, str]:
+    """What the adapter scale's effect depends on, as a calibration records it and a test run checks it."""
+    weights = sorted((toy["models"] / "arc2face").glob("*.safetensors")) + sorted(
+        (toy["models"] / "encoder").glob("*.safetensors"))
+    return {"split": "val", "base": digest(weights),
+            "expr_adapter": digest(sorted(p for p in (expr / "export").rglob("*") if p.is_file())),
+            "data": digest(sorted((data / "shards").glob("val-*.tar"))), "negative_expression": negative}
+
+
+def split_inputs(shards: str, split: str, sources: int | None, targets: int | None) -> list[str]:
+    """Evaluation overrides that select ``split``: its sources are one face per subject and its targets the
+    expressions of all its faces (or the first ``sources`` / ``targets`` of them)."""
+    skipped: list[Skipped] = []
+    subjects = [item.subject for item in read_images(shards, "held-out stills", skipped)]
+    runs = [(s, len(list(g))) for s, g in groupby(subjects)]
+    if len(runs) != len(set(subjects)) or len(runs) < 2:
+        sys.exit(f"closed loop: {shards} must hold at least 2 subjects, each subject's faces together (as "
+                 f"blendexp.toyworld.shards writes them); found {len(runs)} runs of {len(set(subjects))} subjects")
+    half = len(runs) // 2
+    before, chosen = (runs[:0], runs[:half]) if split == "val" else (runs[:half], runs[half:])
+    faces = sum(n for _, n in chosen)
+    for what, n, have in (("sources", sources, len(chosen)), ("targets", targets, faces)):
+        if n is not None and n > have:
+            sys.exit(f"closed loop: --{what} {n}, but the {split} split has {have} ({len(chosen)} subjects, "
+                     f"{faces} faces of {shards})")
+    return [f"eval.sources.path={shards}", "eval.sources.per_subject=1", f"eval.sources.offset={len(before)}",
+            f"eval.sources.limit={sources or len(chosen)}", f"eval.targets.path={shards}",
+            "eval.targets.per_subject=null", f"eval.targets.offset={sum(n for _, n in before)}",
+            f"eval.targets.limit={targets or faces}"]
+
+
 def base_overrides(toy: dict[str, Path]) -> list[str]:
     """Point an entry point at the trained toy base (whatever the embedded default is)."""
     return [f"paths.models={toy['models']}", f"paths.sd15={toy['sd15']}"]
@@ -91,17 +142,19 @@ def run(module: str, *overrides: str) -> None:
     print(f"{module}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: int, a: argparse.Namespace,
+def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: int | None, a: argparse.Namespace,
           *overrides: str) -> Path:
     """One adapter's run folder, trained now unless a finished export is already there."""
     run_dir = out / experiment / "closed_loop"
     if (run_dir / "export").is_dir() and any((run_dir / "export").iterdir()):
         print(f"reusing {run_dir}")
         return run_dir
-    trainer = ["trainer=gpu"] if a.device.startswith("cuda") else []
+    settings = ["trainer=gpu"] if a.device.startswith("cuda") else []
+    settings += [f"trainer.max_steps={steps}"] if steps else []
+    settings += [f"data.batch_size={a.batch_size}"] if a.batch_size else []
     run("blendexp.train", f"+experiment={experiment}", "run_name=closed_loop", f"paths.outputs={out}", f"seed={a.seed}",
         *base_overrides(toy), "model.base.tiny_root=null", f"data.val_shards={data}/shards/val-*.tar",
-        f"trainer.max_steps={steps}", "callbacks.samples.every_n_steps=0", *trainer, *overrides)
+        "callbacks.samples.every_n_steps=0", *settings, *overrides)
     return run_dir
 
 
@@ -115,25 +168,35 @@ def mean_expression(shards: str, path: Path) -> Path:
     return path
 
 
-def evaluate(out: Path, toy: dict[str, Path], data: Path, expr: Path, ref: Path, a: argparse.Namespace) -> Path:
-    """All three methods on held-out toy faces, scored by the toy annotators; the report folder."""
-    shards = data / "shards"
-    name = "closed_loop" if a.expr_scale == EXPR_SCALE else f"closed_loop_scale{a.expr_scale:g}"  # a cache per scale
-    negative = []
-    if a.negative_expression == "mean":
-        name += "_negmean"
-        mean = mean_expression(f"{shards}/train-*.tar", out / "train_mean_expression.npy")
-        negative = [f"eval.methods.{m}.negative_expression={mean}" for m in ("expr_adapter", "expr_ref")]
+def scale_method(scale: float) -> str:
+    """The calibration's name for the Expression Adapter at one scale (a Hydra key: no dots)."""
+    return f"expr_scale{scale:g}".replace(".", "p")
+
+
+def methods(expr: Path, ref: Path, scales: list[float] | None, scale: float, negative: list[str]) -> list[str]:
+    """Evaluation overrides of the methods: the three of a run at ``scale``, or Arc2Face and the Expression Adapter
+    at every scale of a calibration (one evaluation: Arc2Face's images are made once)."""
+    neg = [f"negative_expression={negative[0]}"] if negative else []
+    if scales is None:
+        return [f"eval.methods.expr_adapter.adapter={expr}", f"eval.methods.expr_ref.ref_adapter={ref}",
+                f"eval.methods.expr_ref.exp_adapter={expr}", f"eval.methods.expr_adapter.scale={scale}",
+                f"eval.methods.expr_ref.scale={scale}",
+                *(f"eval.methods.{m}.{n}" for m in ("expr_adapter", "expr_ref") for n in neg)]
+    return ["~eval.methods.expr_adapter", "~eval.methods.expr_ref",
+            *(f"+eval.methods.{scale_method(s)}.{k}" for s in scales
+              for k in ("kind=expr_adapter", f"adapter={expr}", f"scale={s}", *neg))]
+
+
+def evaluate(name: str, out: Path, toy: dict[str, Path], data: Path, method_overrides: list[str],
+             a: argparse.Namespace) -> Path:
+    """The methods on the split's held-out faces, scored by the toy annotators; the report folder."""
     run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}", f"seed={a.seed}",
         *base_overrides(toy), "eval.base.tiny_root=null",
-        f"eval.sources.path={shards}/val-*.tar", f"eval.sources.limit={a.sources}",
-        f"eval.targets.path={shards}/val-*.tar", "eval.targets.per_subject=null", "eval.targets.offset=0",
-        f"eval.targets.limit={a.targets}", f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
-        f"eval.generation.samples={a.samples}", f"eval.methods.expr_adapter.adapter={expr}",
-        f"eval.methods.expr_ref.ref_adapter={ref}", f"eval.methods.expr_ref.exp_adapter={expr}",
-        f"eval.methods.expr_adapter.scale={a.expr_scale}", f"eval.methods.expr_ref.scale={a.expr_scale}",
+        *split_inputs(f"{data}/shards/val-*.tar", a.split, a.sources, a.targets),
+        f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
+        f"eval.generation.samples={a.samples}", *method_overrides,
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null", "eval.annotators.generated=aligned",  # toy
-        f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}", *negative)
+        f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}")
     return out / "evaluate" / name
 
 
@@ -144,65 +207,133 @@ def cells(frame: pd.DataFrame, sources: dict[str, int], targets: dict[str, int],
                        frame["target"].map(targets).to_numpy(), (len(sources), len(targets)))
 
 
-def summarise(report: Path, readable: list[str], resamples: int, seed: int) -> dict[str, object]:
-    """Per-method scores, per readable component error and target/read correlation, the three ratios with two-way
-    bootstrap 95% intervals (sources and targets resampled), and whether each goal is met."""
-    images = pd.read_csv(report / "per_image.csv")
-    readings = pd.read_csv(report / "expression_per_image.csv")
-    errors = pd.DataFrame({c: (readings[f"read.{c}"] - readings[f"target.{c}"]).abs() for c in readable})
-    readings["exp_mae_readable"] = errors.mean(axis=1)
-    rows = {r["method"]: r for r in pd.read_csv(report / "results.csv").to_dict("records")}
-    components = {c: {m: {"mae": float(errors.loc[g.index, c].mean()),
-                          "corr": float(np.corrcoef(g[f"target.{c}"], g[f"read.{c}"])[0, 1])}
-                      for m, g in readings.groupby("method")} for c in readable}
-    methods = {m: {"exp_mae_readable": float(readings.loc[readings["method"] == m, "exp_mae_readable"].mean()),
-                   "exp_mae": float(rows[m]["exp_mae"]), "id_sim": float(rows[m]["id_sim"]),
-                   "bg_l1": float(rows[m]["bg_l1"])} for m in rows}
-    sources = {s: i for i, s in enumerate(sorted(images["source"].unique()))}
-    targets = {t: i for i, t in enumerate(sorted(images["target"].unique()))}
+class Report:
+    """One evaluation's per-image scores, with the pooled error over the readable components per image."""
 
-    def ratio(frame: pd.DataFrame, value: str, ours: str, theirs: str) -> dict[str, float]:
-        est = two_way_ratio(cells(frame[frame["method"] == ours], sources, targets, value),
-                            cells(frame[frame["method"] == theirs], sources, targets, value), resamples, seed)
+    def __init__(self, folder: Path, readable: list[str], resamples: int, seed: int) -> None:
+        self.images = pd.read_csv(folder / "per_image.csv")
+        self.readings = pd.read_csv(folder / "expression_per_image.csv")
+        self.errors = pd.DataFrame({c: (self.readings[f"read.{c}"] - self.readings[f"target.{c}"]).abs()
+                                    for c in readable})
+        self.readings["exp_mae_readable"] = self.errors.mean(axis=1)
+        self.rows = {r["method"]: r for r in pd.read_csv(folder / "results.csv").to_dict("records")}
+        self.sources = {s: i for i, s in enumerate(sorted(self.images["source"].unique()))}
+        self.targets = {t: i for i, t in enumerate(sorted(self.images["target"].unique()))}
+        self.readable, self.resamples, self.seed = readable, resamples, seed
+
+    def ratio(self, value: str, ours: str, theirs: str) -> dict[str, float]:
+        """``ours`` / ``theirs`` mean of a per-image value with its two-way bootstrap 95% interval."""
+        frame = self.readings if value == "exp_mae_readable" else self.images
+        est = two_way_ratio(cells(frame[frame["method"] == ours], self.sources, self.targets, value),
+                            cells(frame[frame["method"] == theirs], self.sources, self.targets, value),
+                            self.resamples, self.seed)
         return {"ratio": est.mean, "low": est.low, "high": est.high}
 
-    expr = ratio(readings, "exp_mae_readable", "expr_adapter", "arc2face")
-    ident = ratio(images, "id_sim", "expr_adapter", "arc2face")
-    bg = ratio(images, "bg_l1", "expr_ref", "expr_adapter")
-    base_id = methods["arc2face"]["id_sim"]
-    return {"readable_components": readable, "methods": methods, "components": components,
+    def methods(self) -> dict[str, dict[str, float]]:
+        """Each method's pooled readable and all-55 expression error, ID similarity and background L1."""
+        return {m: {"exp_mae_readable": float(self.readings.loc[self.readings["method"] == m,
+                                                                 "exp_mae_readable"].mean()),
+                    "exp_mae": float(r["exp_mae"]), "id_sim": float(r["id_sim"]), "bg_l1": float(r["bg_l1"])}
+                for m, r in self.rows.items()}
+
+    def components(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Per readable component and method: its error and the target/read correlation."""
+        return {c: {m: {"mae": float(self.errors.loc[g.index, c].mean()),
+                        "corr": float(np.corrcoef(g[f"target.{c}"], g[f"read.{c}"])[0, 1])}
+                    for m, g in self.readings.groupby("method")} for c in self.readable}
+
+
+def summarise(report: Report) -> dict[str, object]:
+    """Per-method scores, per readable component error and correlation, the three ratios with two-way bootstrap 95%
+    intervals, and whether each goal is met."""
+    methods = report.methods()
+    expr = report.ratio("exp_mae_readable", "expr_adapter", "arc2face")
+    ident = report.ratio("id_sim", "expr_adapter", "arc2face")
+    bg = report.ratio("bg_l1", "expr_ref", "expr_adapter")
+    return {"readable_components": report.readable, "methods": methods, "components": report.components(),
             "intervals": {"expr_ratio": expr, "id_ratio": ident, "bg_l1_ref_vs_expr": bg,
-                          "resamples": resamples, "over": "sources and targets, each resampled with replacement"},
+                          "resamples": report.resamples,
+                          "over": "sources and targets, each resampled with replacement"},
             "expr_ratio": expr["ratio"], "expr_goal_met": expr["ratio"] <= EXPR_GOAL and expr["high"] <= EXPR_HIGH,
-            "id_ratio": ident["ratio"], "id_goal_met": bool(base_id > 0 and ident["ratio"] >= ID_GOAL),
+            "id_ratio": ident["ratio"],
+            "id_goal_met": bool(methods["arc2face"]["id_sim"] > 0 and ident["ratio"] >= ID_GOAL),
             "bg_l1_ref_vs_expr": bg["ratio"], "ref_goal_met": bg["high"] < 1}
 
 
-def main() -> None:
-    """Check the assets, train or reuse both adapters, evaluate, print and save the table."""
+def calibrate(report: Report, scales: list[float], made_with: dict[str, str]) -> dict[str, object]:
+    """The scale with the lowest expression error among those that keep identity (ID ratio >= ID_GOAL; if none
+    does, the one that keeps it best), with every scale's ratios."""
+    sweep = {f"{s:g}": {"expr_ratio": report.ratio("exp_mae_readable", scale_method(s), "arc2face"),
+                        "id_ratio": report.ratio("id_sim", scale_method(s), "arc2face")} for s in scales}
+    keep = [s for s in scales if sweep[f"{s:g}"]["id_ratio"]["ratio"] >= ID_GOAL]
+    chosen = (min(keep, key=lambda s: sweep[f"{s:g}"]["expr_ratio"]["ratio"]) if keep
+              else max(scales, key=lambda s: sweep[f"{s:g}"]["id_ratio"]["ratio"]))
+    return {**made_with, "expr_scale": chosen, "sources": len(report.sources), "targets": len(report.targets),
+            "rule": f"lowest pooled readable expression error among scales with ID ratio >= {ID_GOAL}"
+                    + ("" if keep else " (none kept it: the highest ID ratio)"), "scales": sweep}
+
+
+def calibrated_scale(path: Path, made_with: dict[str, str]) -> tuple[float, dict[str, object]]:
+    """The scale a validation calibration chose, refused when it was made with another split, base, adapter, data or
+    negative expression than this run's."""
+    if not path.is_file():
+        sys.exit(f"closed loop: no calibration at {path}; choose the adapter scale on the validation split first "
+                 f"({CALIBRATE}) or give --expr-scale")
+    cal = json.loads(path.read_text())
+    wrong = [f"{k}: made with {cal.get(k)!r}, this run has {v!r}" for k, v in made_with.items() if cal.get(k) != v]
+    if wrong:
+        sys.exit(f"closed loop: the calibration {path} does not belong to this run ({'; '.join(wrong)}); "
+                 f"calibrate again ({CALIBRATE})")
+    return float(cal["expr_scale"]), cal
+
+
+def print_result(result: dict[str, object]) -> None:
+    """The table, each readable component's error and correlation, and each goal with its interval."""
+    print(f"split {result['split']}, Expression Adapter scale {result['expr_scale']:g} ({result['scale_from']})")
+    print(f"readable components: {', '.join(result['readable_components'])}")
+    print(f"{'method':<14}{'expr MAE (readable)':>21}{'expr MAE (all)':>16}{'ID sim':>9}{'bg L1 to ref':>14}")
+    for m, v in result["methods"].items():
+        print(f"{m:<14}{v['exp_mae_readable']:>21.4f}{v['exp_mae']:>16.4f}{v['id_sim']:>9.3f}{v['bg_l1']:>14.4f}")
+    for c, per in result["components"].items():
+        print(f"{c}: " + ", ".join(f"{m} MAE {v['mae']:.4f} r {v['corr']:.2f}" for m, v in per.items()))
+    for label, key, goal, met in GOALS:
+        ci = result["intervals"][key]
+        print(f"{label}: {ci['ratio']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] "
+              f"(goal {goal}: {'met' if result[met] else 'NOT met'})")
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--toy", type=Path, default=REPO / ".cache" / "toy",
                    help="root of the built toy assets (python -m blendexp.toyworld.assets --root ...), or the copy "
                         "the repository ships in data/toy")
     p.add_argument("--data", type=Path, default=None, help="where shards/ and clips/ are (default: --toy)")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "closed_loop")
-    p.add_argument("--expr-steps", type=int, default=4500, help="Expression Adapter steps (when not reused)")
-    p.add_argument("--expr-overrides", nargs="*", default=list(EXPR_RECIPE),
-                   help="Hydra overrides of the Expression Adapter run (default: the closed loop's recipe; give the "
-                        "flag alone for the plain +experiment=expr_adapter)")
-    p.add_argument("--ref-steps", type=int, default=600, help="Reference Adapter steps (when not reused)")
-    p.add_argument("--expr-scale", type=float, default=EXPR_SCALE,
-                   help="the Expression Adapter's scale at evaluation, in both methods that carry it (default: "
-                        "calibrated on training pairs)")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="val: the first half of the held-out stills' subjects, where every choice is made; test: the "
+                        "second half, reported only")
+    p.add_argument("--calibrate", type=float, nargs="*", metavar="SCALE",
+                   help=f"(--split val only) evaluate the Expression Adapter at these scales (default "
+                        f"{' '.join(f'{s:g}' for s in SCALE_GRID)}) and write the chosen one to --calibration")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="the calibration file (default <out>/calibration.json): written by --calibrate, read by test")
+    p.add_argument("--expr-scale", type=float, default=None,
+                   help="the Expression Adapter's scale at evaluation, in both methods that carry it (default: the "
+                        "calibration's; on val without a calibration: 1)")
+    p.add_argument("--expr-experiment", default="closed_loop_expr",
+                   help="the Expression Adapter's experiment overlay (its recipe; expr_adapter: the plain one)")
+    p.add_argument("--ref-experiment", default="closed_loop_ref", help="the Reference Adapter's experiment overlay")
+    p.add_argument("--expr-steps", type=int, default=None, help="Expression Adapter steps (default: the overlay's)")
+    p.add_argument("--ref-steps", type=int, default=None, help="Reference Adapter steps (default: the overlay's)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the overlays')")
+    p.add_argument("--expr-overrides", nargs="*", default=[], help="more Hydra overrides of the Expression Adapter run")
     p.add_argument("--negative-expression", choices=("zeros", "mean"), default="zeros",
                    help="the FLAME vector classifier-free guidance pushes away from: zeros (as adapters are "
                         "trained) or the training shards' mean expression")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--sources", type=int, default=12, help="held-out source faces")
-    p.add_argument("--targets", type=int, default=128,
-                   help="target expressions: the first N held-out faces (default: all 16 x 8 of the toy build's "
-                        "validation shards; the first 12, two subjects' faces, gave Arc2Face a jaw error 0.75x the "
-                        "full set's)")
+    p.add_argument("--sources", type=int, default=None, help="source faces (default: one per subject of the split)")
+    p.add_argument("--targets", type=int, default=None,
+                   help="target expressions: the split's first N faces (default: all of them)")
     p.add_argument("--samples", type=int, default=1, help="seeds per (source, target) pair")
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps")
     p.add_argument("--size", type=int, default=64, help="image size (the toy shards' size)")
@@ -211,37 +342,60 @@ def main() -> None:
     p.add_argument("--resamples", type=int, default=2000, help="two-way bootstrap resamples of the intervals")
     p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
     a = p.parse_args()
+    if a.calibrate is not None and a.split != "val":
+        p.error("--calibrate chooses on the validation split only: add --split val (the test split is never used "
+                "to choose)")
+    return a
+
+
+def main() -> None:
+    """Check the assets, train or reuse both adapters, calibrate or evaluate, print and save the results."""
+    a = parse_args()
     toy, out = toy_layout(a.toy.resolve()), a.out.resolve()
     data = (a.data or a.toy).resolve()
     missing = missing_assets(toy, data)
     if missing:
         sys.exit("closed loop: toy-world assets missing:\n  " + "\n  ".join(missing) + "\nBuild them first: "
                  f"python -m blendexp.toyworld.assets --root {a.toy}")
-    expr = train("expr_adapter", out, toy, data, a.expr_steps, a, f"data.batch_size={a.batch_size}",
+    calibration = (a.calibration or out / "calibration.json").resolve()
+    expr = train(a.expr_experiment, out, toy, data, a.expr_steps, a,
                  f"data.sources.stills.shards={data}/shards/train-*.tar", *a.expr_overrides)
-    # clip frames pair within their clip; the held-out stills (validation) pair within their subject
-    ref = train("ref_adapter", out, toy, data, a.ref_steps, a, f"data.batch_size={a.batch_size}",
-                f"data.sources.stills.shards={data}/clips/clips-*.tar", "data.pairs.stills=true",
-                f"model.expression_adapter={expr}")
-    report = evaluate(out, toy, data, expr, ref, a)
-    result = {"expr_scale": a.expr_scale, "negative_expression": a.negative_expression, "seed": a.seed,
-              **summarise(report, readable_components(toy), a.resamples, a.seed)}
-    (out / f"{report.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"readable components: {', '.join(result['readable_components'])}")
-    print(f"{'method':<14}{'expr MAE (readable)':>21}{'expr MAE (all)':>16}{'ID sim':>9}{'bg L1 to ref':>14}")
-    for m, v in result["methods"].items():
-        print(f"{m:<14}{v['exp_mae_readable']:>21.4f}{v['exp_mae']:>16.4f}{v['id_sim']:>9.3f}{v['bg_l1']:>14.4f}")
-    for c, per in result["components"].items():
-        print(f"{c}: " + ", ".join(f"{m} MAE {v['mae']:.4f} r {v['corr']:.2f}" for m, v in per.items()))
-    goals = [("expr_adapter / arc2face expression error", "expr_ratio", f"<= {EXPR_GOAL}, interval top <= {EXPR_HIGH}",
-              "expr_goal_met"),
-             ("expr_adapter / arc2face ID similarity", "id_ratio", f">= {ID_GOAL}", "id_goal_met"),
-             ("expr_ref / expr_adapter background L1", "bg_l1_ref_vs_expr", "interval top < 1", "ref_goal_met")]
-    for label, key, goal, met in goals:
-        ci = result["intervals"][key]
-        print(f"{label}: {ci['ratio']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] "
-              f"(goal {goal}: {'met' if result[met] else 'NOT met'})")
-    if a.check and not all(result[key] for *_, key in goals):
+    made_with = provenance(toy, data, expr, a.negative_expression)
+    negative = [] if a.negative_expression == "zeros" else [
+        str(mean_expression(f"{data}/shards/train-*.tar", out / "train_mean_expression.npy"))]
+    suffix = "_negmean" if negative else ""
+    readable = readable_components(toy)
+    if a.calibrate is not None:
+        scales = a.calibrate or list(SCALE_GRID)
+        folder = evaluate(f"val_calibration{suffix}", out, toy, data, methods(expr, expr, scales, 0, negative), a)
+        cal = calibrate(Report(folder, readable, a.resamples, a.seed), scales, made_with)
+        calibration.parent.mkdir(parents=True, exist_ok=True)
+        calibration.write_text(json.dumps(cal, indent=1) + "\n")
+        for s, v in cal["scales"].items():
+            print(f"scale {s}: expression error {v['expr_ratio']['ratio']:.3f}x, ID {v['id_ratio']['ratio']:.3f}x "
+                  "Arc2Face's")
+        print(f"chosen on val: scale {cal['expr_scale']:g} ({cal['rule']}) -> {calibration}")
+        return
+    # clip frames pair within their clip (the overlay pairs stills of one subject)
+    ref = train(a.ref_experiment, out, toy, data, a.ref_steps, a,
+                f"data.sources.stills.shards={data}/clips/clips-*.tar", f"model.expression_adapter={expr}")
+    if a.expr_scale is not None:
+        scale, scale_from, cal = a.expr_scale, "--expr-scale", None
+    elif a.split == "val" and not calibration.is_file():
+        scale, scale_from, cal = 1.0, "untuned default on val (no calibration yet)", None
+    else:
+        scale, cal = calibrated_scale(calibration, made_with)
+        scale_from = f"calibration on val: {calibration}"
+    name = f"closed_loop_{a.split}_scale{scale:g}{suffix}"  # a generation cache per split and scale
+    folder = evaluate(name, out, toy, data, methods(expr, ref, None, scale, negative), a)
+    result = {"split": a.split, "expr_scale": scale, "scale_from": scale_from, "calibration": cal,
+              "negative_expression": a.negative_expression, "seed": a.seed,
+              **summarise(Report(folder, readable, a.resamples, a.seed))}
+    path = out / f"closed_loop{'' if a.split == 'test' else '_val'}{suffix}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print_result(result)
+    print(f"written: {path}")
+    if a.check and not all(result[key] for *_, key in GOALS):
         sys.exit(1)
 
 

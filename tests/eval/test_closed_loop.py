@@ -1,12 +1,12 @@
 """Closed loop at reduced size (``benchmarks/closed_loop.py`` is the full one): on the shipped toy base, both adapters
 are trained and evaluated through the entry points users call, scored by the shipped toy annotators.
 
-Asserted: the Expression Adapter keeps the identity (ID similarity >= 0.9x Arc2Face alone's; at scale 1: the
-benchmark's scale 2 is calibrated for its 4500-step adapter, and this one's 300 steps at scale 2 gave 0.88x), all
-three ratios are measured with two-way bootstrap intervals, and ``--check`` exits 1 exactly when a goal is missed.
-Not asserted here, met by the full benchmark (README, closed loop): the expression error <= 0.5x Arc2Face's (0.43x
-after 4500 steps; this test's 300-step adapter has barely started to steer) and the Reference Adapter lowering the
-background distance to the reference (0.57x at full size, not reliably after this test's 150 steps)."""
+Asserted: the Expression Adapter keeps the identity on the test split (ID similarity >= 0.9x Arc2Face alone's, at
+the fixed scale 1 this test gives), all three ratios are measured with two-way bootstrap intervals, ``--check`` exits
+1 exactly when a goal is missed, and the scale route: a calibration on the validation split is read and recorded by
+the test run, and one made with another split or adapter is refused naming the mismatch. Not asserted here: the
+expression error <= 0.5x Arc2Face's and the Reference Adapter lowering the background distance (this test's 300 +
+150 steps have barely started to steer: ``expr_ratio`` in tests/margins/closed_loop.json)."""
 
 from __future__ import annotations
 
@@ -18,17 +18,19 @@ from pathlib import Path
 import pytest
 
 from blendexp.config import REPO_ROOT
+from blendexp.data.image_sets import read_images
 from blendexp.toyworld.assets import SHIPPED_ROOT, TOY_ID_MODEL, toy_embedder
 from blendexp.toyworld.shards import write_split
 from tests.conftest import missed_thresholds
 
-TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 300, 8, 40
+TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 300, 12, 40  # 6 validation + 6 test subjects
 
 
 def toy_data(root: Path) -> Path:
     """Stills for the Expression Adapter, clips for the Reference Adapter and held-out stills, embedded by the
     shipped toy recogniser; validation identities come from another seed, so no model has seen them."""
-    common = dict(size=64, per_shard=1000, embed=toy_embedder(SHIPPED_ROOT / "models/antelopev2/arcface.onnx"), id_model=TOY_ID_MODEL)
+    common = dict(size=64, per_shard=1000, embed=toy_embedder(SHIPPED_ROOT / "models/antelopev2/arcface.onnx"),
+                  id_model=TOY_ID_MODEL)
     write_split(root / "shards", "train", range(TRAIN_SUBJECTS), per_subject=4, seed=0, **common)
     write_split(root / "shards", "val", range(VAL_SUBJECTS), per_subject=4, seed=1, **common)
     write_split(root / "clips", "clips", range(TRAIN_SUBJECTS, TRAIN_SUBJECTS + CLIP_SUBJECTS), per_subject=8, seed=0,
@@ -46,31 +48,60 @@ def closed_loop_command(data: Path, out: Path) -> list[str]:
     """The reduced closed loop (also run by scripts/measure_margins.py, with ``--seed``)."""
     return [sys.executable, "benchmarks/closed_loop.py", "--toy", str(SHIPPED_ROOT), "--data", str(data),
             "--out", str(out), "--expr-steps", "300", "--ref-steps", "150", "--batch-size", "16",
-            "--sources", "6", "--targets", "6", "--gen-steps", "10", "--expr-scale", "1"]
+            "--sources", "6", "--targets", "6", "--gen-steps", "10"]
+
+
+SCALE = ["--expr-scale", "1"]  # the reduced test's fixed scale (the benchmark's comes from the validation split)
 
 
 def closed_loop_figures(out: Path) -> dict[str, float]:
-    """The ratios of the run in ``out`` (named after its non-default scale) and Arc2Face's own ID similarity."""
-    result = json.loads((out / "closed_loop_scale1.json").read_text())
+    """The ratios of the test run in ``out`` and Arc2Face's own ID similarity."""
+    result = json.loads((out / "closed_loop.json").read_text())
     return {"arc2face_id_sim": result["methods"]["arc2face"]["id_sim"], "id_ratio": result["id_ratio"],
             "expr_ratio": result["expr_ratio"], "bg_l1_ref_vs_expr": result["bg_l1_ref_vs_expr"]}
 
 
 def measure_figures(seed: int, work: Path) -> dict[str, float]:
     """The reduced closed loop with ``--seed`` in ``work`` (scripts/measure_margins.py)."""
-    cmd = [*closed_loop_command(toy_data(work / "data"), work / "out"), "--seed", str(seed)]
+    cmd = [*closed_loop_command(toy_data(work / "data"), work / "out"), *SCALE, "--seed", str(seed)]
     res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=7200)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return closed_loop_figures(work / "out")
 
 
+def test_validation_and_test_splits_share_no_identity_and_no_target(tmp_path: Path) -> None:
+    from benchmarks.closed_loop import split_inputs
+
+    write_split(tmp_path, "val", range(7), per_subject=3, size=32, seed=1, per_shard=5)  # odd: test gets 4 subjects
+    shards = f"{tmp_path}/val-*.tar"
+
+    def selected(split: str, **limits: int | None) -> dict[str, list[str]]:
+        args = dict(arg.split("=", 1) for arg in split_inputs(shards, split, **limits))
+        picks = {}
+        for role in ("sources", "targets"):
+            per = args[f"eval.{role}.per_subject"]
+            picks[role] = [i.subject for i in read_images(shards, role, [], int(args[f"eval.{role}.limit"]),
+                                                         int(args[f"eval.{role}.offset"]),
+                                                         None if per == "null" else int(per))]
+        return picks
+
+    val, test = selected("val", sources=None, targets=None), selected("test", sources=None, targets=None)
+    assert val["sources"] == ["s00000", "s00001", "s00002"] and len(val["targets"]) == 9
+    assert test["sources"] == ["s00003", "s00004", "s00005", "s00006"] and len(test["targets"]) == 12
+    assert set(val["targets"]) == set(val["sources"]) and set(test["targets"]) == set(test["sources"])
+    assert selected("test", sources=2, targets=5) == {"sources": test["sources"][:2], "targets": test["targets"][:5]}
+    with pytest.raises(SystemExit, match="--sources 5, but the val split has 3"):
+        split_inputs(shards, "val", 5, None)
+
+
 @pytest.mark.slow
 def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path) -> None:
     data = toy_data(tmp_path / "data")
-    res = subprocess.run(closed_loop_command(data, tmp_path / "out"), cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=3000)
+    command = closed_loop_command(data, tmp_path / "out")
+    res = subprocess.run([*command, *SCALE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    result = json.loads((tmp_path / "out" / "closed_loop_scale1.json").read_text())
+    result = json.loads((tmp_path / "out" / "closed_loop.json").read_text())
+    assert (result["split"], result["expr_scale"], result["scale_from"]) == ("test", 1.0, "--expr-scale")
     assert set(result["methods"]) == {"arc2face", "expr_adapter", "expr_ref"}
     assert "jaw.0" in result["readable_components"]  # what the toy SMIRK reads on decoded faces
     figures = closed_loop_figures(tmp_path / "out")
@@ -84,8 +115,31 @@ def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path)
     assert set(jaw) == set(result["methods"]) and all(-1 <= v["corr"] <= 1 and v["mae"] > 0 for v in jaw.values())
     assert "expr_adapter / arc2face expression error" in res.stdout
     # --check (the trained adapters and the generations are reused): exit 1 exactly when a goal is missed
-    again = subprocess.run([*closed_loop_command(data, tmp_path / "out"), "--check"], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=3000)
+    again = subprocess.run([*command, *SCALE, "--check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
     met = [result[k] for k in ("expr_goal_met", "id_goal_met", "ref_goal_met")]
     assert again.returncode == (0 if all(met) else 1), again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("NOT met") == met.count(False) and "reusing" in again.stdout
+
+    # the scale route: calibrate on val (one scale here, so the test run below reuses the images above), then a test
+    # run without --expr-scale reads and records it; calibrations made with another split or adapter are refused
+    def closed_loop(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+
+    cal = closed_loop("--split", "val", "--calibrate", "1")
+    assert cal.returncode == 0 and "chosen on val: scale 1" in cal.stdout, cal.stdout[-3000:] + cal.stderr[-3000:]
+    calibration = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert calibration["split"] == "val" and calibration["expr_scale"] == 1 and set(calibration["scales"]) == {"1"}
+    assert calibration["sources"] == 6 and calibration["targets"] == 6  # the validation subjects' faces, not test's
+    tested = closed_loop()
+    assert tested.returncode == 0, tested.stdout[-3000:] + tested.stderr[-3000:]
+    recorded = json.loads((tmp_path / "out" / "closed_loop.json").read_text())
+    assert recorded["scale_from"].startswith("calibration on val") and recorded["calibration"] == calibration
+    assert recorded["expr_ratio"] == result["expr_ratio"]  # the same images, read back from the cache
+    for key, value in (("split", "test"), ("expr_adapter", "0" * 16)):
+        bad = tmp_path / f"calibration-{key}.json"
+        bad.write_text(json.dumps({**calibration, key: value}))
+        refused = closed_loop("--calibration", str(bad))
+        assert refused.returncode != 0 and f"{key}: made with {value!r}, this run has" in refused.stderr, refused.stderr
+    missing = closed_loop("--calibration", str(tmp_path / "none.json"))
+    assert missing.returncode != 0 and "--split val --calibrate" in missing.stderr, missing.stderr
+    assert closed_loop("--calibrate").returncode == 2  # never on the test split
