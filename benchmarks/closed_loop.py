@@ -173,18 +173,19 @@ def scale_method(scale: float) -> str:
     return f"expr_scale{scale:g}".replace(".", "p")
 
 
-def methods(expr: Path, ref: Path, scales: list[float] | None, scale: float, negative: list[str]) -> list[str]:
-    """Evaluation overrides of the methods: the three of a run at ``scale``, or Arc2Face and the Expression Adapter
-    at every scale of a calibration (one evaluation: Arc2Face's images are made once)."""
-    neg = [f"negative_expression={negative[0]}"] if negative else []
-    if scales is None:
-        return [f"eval.methods.expr_adapter.adapter={expr}", f"eval.methods.expr_ref.ref_adapter={ref}",
-                f"eval.methods.expr_ref.exp_adapter={expr}", f"eval.methods.expr_adapter.scale={scale}",
-                f"eval.methods.expr_ref.scale={scale}",
-                *(f"eval.methods.{m}.{n}" for m in ("expr_adapter", "expr_ref") for n in neg)]
+def run_methods(expr: Path, ref: Path, scale: float, negative: list[str]) -> list[str]:
+    """Evaluation overrides of a run's three methods, both adapters at ``scale``."""
+    return [f"eval.methods.expr_adapter.adapter={expr}", f"eval.methods.expr_ref.ref_adapter={ref}",
+            f"eval.methods.expr_ref.exp_adapter={expr}",
+            *(f"eval.methods.{m}.{k}" for m in ("expr_adapter", "expr_ref") for k in (f"scale={scale}", *negative))]
+
+
+def calibration_methods(expr: Path, scales: list[float], negative: list[str]) -> list[str]:
+    """Evaluation overrides of a calibration: Arc2Face and the Expression Adapter at every scale, in one evaluation
+    (Arc2Face's images are made once)."""
     return ["~eval.methods.expr_adapter", "~eval.methods.expr_ref",
             *(f"+eval.methods.{scale_method(s)}.{k}" for s in scales
-              for k in ("kind=expr_adapter", f"adapter={expr}", f"scale={s}", *neg))]
+              for k in ("kind=expr_adapter", f"adapter={expr}", f"scale={s}", *negative))]
 
 
 def evaluate(name: str, out: Path, toy: dict[str, Path], data: Path, method_overrides: list[str],
@@ -361,13 +362,13 @@ def main() -> None:
     expr = train(a.expr_experiment, out, toy, data, a.expr_steps, a,
                  f"data.sources.stills.shards={data}/shards/train-*.tar", *a.expr_overrides)
     made_with = provenance(toy, data, expr, a.negative_expression)
-    negative = [] if a.negative_expression == "zeros" else [
-        str(mean_expression(f"{data}/shards/train-*.tar", out / "train_mean_expression.npy"))]
+    negative = [] if a.negative_expression == "zeros" else [  # a method setting
+        f"negative_expression={mean_expression(f'{data}/shards/train-*.tar', out / 'train_mean_expression.npy')}"]
     suffix = "_negmean" if negative else ""
     readable = readable_components(toy)
     if a.calibrate is not None:
         scales = a.calibrate or list(SCALE_GRID)
-        folder = evaluate(f"val_calibration{suffix}", out, toy, data, methods(expr, expr, scales, 0, negative), a)
+        folder = evaluate(f"val_calibration{suffix}", out, toy, data, calibration_methods(expr, scales, negative), a)
         cal = calibrate(Report(folder, readable, a.resamples, a.seed), scales, made_with)
         calibration.parent.mkdir(parents=True, exist_ok=True)
         calibration.write_text(json.dumps(cal, indent=1) + "\n")
@@ -387,7 +388,7 @@ def main() -> None:
         scale, cal = calibrated_scale(calibration, made_with)
         scale_from = f"calibration on val: {calibration}"
     name = f"closed_loop_{a.split}_scale{scale:g}{suffix}"  # a generation cache per split and scale
-    folder = evaluate(name, out, toy, data, methods(expr, ref, None, scale, negative), a)
+    folder = evaluate(name, out, toy, data, run_methods(expr, ref, scale, negative), a)
     result = {"split": a.split, "expr_scale": scale, "scale_from": scale_from, "calibration": cal,
               "negative_expression": a.negative_expression, "seed": a.seed,
               **summarise(Report(folder, readable, a.resamples, a.seed))}
