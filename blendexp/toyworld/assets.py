@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from blendexp.config import CONF_DIR, REPO_ROOT
 from blendexp.toyworld.recipes import BaseTraining, ExpressionTraining, IdentityTraining, VaeTraining
-from blendexp.toyworld.params import sample_expression, sample_identity, sample_nuisance
+from blendexp.toyworld.params import identity_rng, sample_expression, sample_identity, sample_nuisance
 from blendexp.toyworld.render import render_face
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,13 @@ QUICK = AssetsConfig(
 
 
 # ------------------------------------------------------------------------------------------------- renders
-def render_set(seed: int, stream: int, subjects: range, per_subject: int, size: int,
+def render_set(seed: int, stream: str, subjects: range, per_subject: int, size: int,
                nuisance: float) -> dict[str, np.ndarray]:  # fmt: skip
-    """``per_subject`` random-expression, random-condition faces per subject: images, labels, (55,) expressions.
-
-    Subject ``s`` of ``stream`` is seeded by (seed, stream, s): streams never share identities with each other or
-    with ``write_split`` (seeded by (seed, s))."""
+    """``per_subject`` random-expression, random-condition faces per subject of an identity stream (``IDENTITY_STREAMS``):
+    images, labels, (55,) expressions."""
     images, labels, expressions = [], [], []
     for subject in tqdm(subjects, desc="toy renders", unit="subject"):
-        rng = np.random.default_rng([seed, stream, subject])
+        rng = identity_rng(seed, stream, subject)
         identity = sample_identity(rng)
         for _ in range(per_subject):
             exp = sample_expression(rng)
@@ -100,6 +98,16 @@ def render_set(seed: int, stream: int, subjects: range, per_subject: int, size: 
             labels.append(subject)
             expressions.append(exp)
     return {"images": np.stack(images), "labels": np.asarray(labels), "expressions": np.stack(expressions)}
+
+
+def identity_uses(cfg: AssetsConfig) -> dict[str, tuple[str, range]]:
+    """The identity stream and subjects of each use of the build, the one place its steps take them from (tests
+    assert that no two uses share a person)."""
+    n, val = cfg.shard_subjects, cfg.val_shard_subjects
+    return {"annotator_train": ("annotator_train", range(cfg.train_subjects)),
+            "annotator_heldout": ("annotator_heldout", range(cfg.heldout_subjects)),
+            "train_stills": ("stills", range(n)), "val_stills": ("stills", range(n, n + val)),
+            "clips": ("stills", range(n + val, n + val + cfg.clip_subjects))}
 
 
 def load_renders(root: Path, split: str) -> dict[str, np.ndarray]:
@@ -111,11 +119,10 @@ def load_renders(root: Path, split: str) -> dict[str, np.ndarray]:
 def _renders(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     """Render the annotator training set and the held-out identities every metric is measured on."""
     (root / "renders").mkdir(parents=True, exist_ok=True)
-    splits = {"train": (1, cfg.train_subjects, cfg.train_per_subject),
-              "heldout": (2, cfg.heldout_subjects, cfg.heldout_per_subject)}
-    for split, (stream, subjects, per) in splits.items():
+    uses = identity_uses(cfg)
+    for split, per in (("train", cfg.train_per_subject), ("heldout", cfg.heldout_per_subject)):
         np.savez_compressed(root / "renders" / f"{split}.npz",
-                            **render_set(cfg.seed, stream, range(subjects), per, cfg.render_size, cfg.nuisance))
+                            **render_set(cfg.seed, *uses[f"annotator_{split}"], per, cfg.render_size, cfg.nuisance))
     return {"train_images": cfg.train_subjects * cfg.train_per_subject,
             "heldout_images": cfg.heldout_subjects * cfg.heldout_per_subject, "size": cfg.render_size}
 
@@ -179,19 +186,17 @@ def _shards(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     """Write the base's training data: toy stills whose id.npy are the toy recogniser's embeddings."""
     from blendexp.toyworld.shards import write_split
 
-    out, n = root / "shards", cfg.shard_subjects
+    uses = identity_uses(cfg)
     common = dict(per_subject=cfg.shard_per_subject, size=cfg.image_size, seed=cfg.seed, per_shard=cfg.per_shard,
                   embed=toy_embedder(root / ARCFACE), id_model=TOY_ID_MODEL)
-    return {"train": write_split(out, "train", range(n), **common),
-            "val": write_split(out, "val", range(n, n + cfg.val_shard_subjects), **common)}
+    return {split: write_split(root / "shards", split, uses[f"{split}_stills"][1], **common) for split in ("train", "val")}
 
 
 def _clips(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     """One talking-head clip for each of further subjects: the Reference Adapter's (reference, target) pairs."""
     from blendexp.toyworld.shards import write_split
 
-    start = cfg.shard_subjects + cfg.val_shard_subjects  # disjoint from the base's and the evaluation's subjects
-    return {"frames": write_split(root / "clips", "clips", range(start, start + cfg.clip_subjects),
+    return {"frames": write_split(root / "clips", "clips", identity_uses(cfg)["clips"][1],
                                   per_subject=cfg.clip_frames, size=cfg.image_size, seed=cfg.seed,
                                   per_shard=cfg.per_shard, embed=toy_embedder(root / ARCFACE), id_model=TOY_ID_MODEL,
                                   clips=True)}

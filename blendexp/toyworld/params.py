@@ -144,6 +144,25 @@ IRIS = [(75, 45, 25), (40, 28, 20), (70, 120, 185), (75, 135, 85), (135, 105, 55
 FRAMES = [(20, 20, 20), (120, 70, 30), (180, 180, 190), (150, 30, 30), (30, 60, 140)]
 
 
+# Who may be drawn where: every toy identity comes from one stream (a use) and a subject number. A stream holds a
+# use's subjects in ranges (the base's training and validation stills and the clips share ``stills``, in disjoint
+# ranges); different streams never share a person.
+IDENTITY_STREAMS = {"stills": 0, "annotator_train": 1, "annotator_heldout": 2, "fresh": 3, "builder_inputs": 4}
+
+
+def identity_rng(seed: int, stream: str, subject: int) -> np.random.Generator:
+    """The generator that draws ``subject`` of ``stream`` (its identity, then what that subject's faces show).
+
+    Keys have one length, (seed, subject, stream): numpy ignores trailing zeros of a seed list, so keys of different
+    lengths collide (``[0, k, 0]`` is ``[0, k]``), while distinct keys of one length never do. ``stills`` (0) keeps
+    the ``(seed, subject)`` key the shipped sample shards were drawn with."""
+    if stream not in IDENTITY_STREAMS:
+        raise ValueError(f"unknown identity stream {stream!r}; one of {sorted(IDENTITY_STREAMS)}")
+    if not (0 <= seed < 2**32 and 0 <= subject < 2**32):
+        raise ValueError(f"seed {seed} and subject {subject} must be in [0, 2**32): larger values take two key words")
+    return np.random.default_rng([seed, subject, IDENTITY_STREAMS[stream]])
+
+
 def sample_identity(rng: np.random.Generator) -> Identity:
     """A random, visually distinct person (categorical hair/glasses/colours plus continuous shape)."""
     u = rng.uniform

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from blendexp.data.format import FaceSample, encode_sample, make_key
 from blendexp.flame import ID_DIM
-from blendexp.toyworld.params import IDENTITY_DIM, Identity, sample_expression, sample_identity, sample_nuisance
+from blendexp.toyworld.params import (IDENTITY_DIM, Identity, identity_rng, sample_expression, sample_identity,
+                                      sample_nuisance)
 from blendexp.toyworld.render import render_face
 from blendexp.toyworld.video import make_clip
 
@@ -61,7 +62,7 @@ def write_split(out: Path, split: str, subjects: range, per_subject: int, size: 
     n = 0
     with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for subject in tqdm(subjects, desc=f"toy {split}", unit="subject"):
-            rng = np.random.default_rng([seed, subject])
+            rng = identity_rng(seed, "stills", subject)
             identity = sample_identity(rng)
             images, exps = _subject_faces(rng, identity, per_subject, size, clips)
             ids = embed(images) if embed else [gt_identity_embedding(identity)] * per_subject

@@ -20,7 +20,7 @@ from PIL import Image
 
 from blendexp.flame import EXP_DIM, EYELIDS
 from blendexp.images import read_video, write_video
-from blendexp.toyworld.params import Identity, Nuisance, sample_expression, sample_identity, sample_nuisance
+from blendexp.toyworld.params import Identity, Nuisance, identity_rng, sample_expression, sample_identity, sample_nuisance
 from blendexp.toyworld.render import render_face
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def render_builder_inputs(out: str, seed: int, size: int, nuisance: float, still
     subject = 0
     for split, part in parts.items():
         for _ in range(int(part["subjects"])):
-            rng = np.random.default_rng([int(seed), subject])
+            rng = identity_rng(int(seed), "builder_inputs", subject)
             identity, folder = sample_identity(rng), root / split / f"s{subject:04d}"
             folder.mkdir(parents=True, exist_ok=True)
             if split == "videos":

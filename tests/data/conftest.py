@@ -22,7 +22,7 @@ from blendexp.data.build import build
 from blendexp.data.format import FaceSample, encode_sample, make_key
 from blendexp.faces.annotators import ensure_tiny_annotators
 from blendexp.flame import EXP_DIM, ID_DIM
-from blendexp.toyworld.params import sample_identity
+from blendexp.toyworld.params import identity_rng, sample_identity
 from blendexp.toyworld.video import make_clip, write_clip
 
 INSIGHTFACE_IMAGES = Path(__import__("insightface").__file__).parent / "data" / "images"
@@ -66,7 +66,7 @@ def toy_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two toy subjects with one 12-frame 96 px MP4 clip each (plus ground truth), in subject folders."""
     root = tmp_path_factory.mktemp("videos")
     for subject in (1, 5):  # identities MTCNN finds in every frame
-        rng = np.random.default_rng([0, subject])
+        rng = identity_rng(0, "stills", subject)  # the (0, subject) draws these subjects were picked from
         clip = make_clip(sample_identity(rng), rng, n_frames=12, size=96, nuisance_strength=0.2)
         write_clip(clip, root / f"s{subject}", "c00")
     return root

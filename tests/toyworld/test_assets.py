@@ -14,6 +14,7 @@ import webdataset as wds
 
 from blendexp.toyworld import assets
 from blendexp.toyworld.assets import ARCFACE, SMIRK, STEPS, TOY_ID_MODEL, QUICK, AssetsConfig, Step, build
+from blendexp.toyworld.params import identity_rng, sample_identity
 from tests.conftest import missed_thresholds, run_cli
 
 FILES = [ARCFACE, SMIRK, "renders/train.npz", "renders/heldout.npz", "vae/config.json",
@@ -171,3 +172,21 @@ def test_cache_rebuilds_changed_steps_their_dependents_and_interrupted_ones(tmp_
     monkeypatch.setattr(assets, "STEPS", _fake_steps(calls))
     build(tmp_path, AssetsConfig(seed=2))
     assert calls[12:] == ["b", "c"]  # ... and no marker, so the next run redoes it (a was finished)
+
+
+@pytest.mark.parametrize("cfg", [assets.FULL, QUICK], ids=["full", "quick"])
+def test_no_two_uses_of_the_toy_world_share_an_identity(cfg: AssetsConfig) -> None:
+    # Enumerates the people themselves, not their seeds: numpy ignores trailing zeros of a seed list, so the streams'
+    # old keys (seed, stream, subject) drew annotator_heldout's subject 0 as the base's training subject 2.
+    from tests.toyworld.test_shipped import FRESH_STREAM
+
+    uses = {name: [(stream, s) for s in subjects] for name, (stream, subjects) in assets.identity_uses(cfg).items()}
+    val = uses.pop("val_stills")  # the closed loop's splits: its first half validates, its second is the test
+    uses |= {"closed_loop_val": val[:len(val) // 2], "closed_loop_test": val[len(val) // 2:],
+             "shipped_remeasurement": [(FRESH_STREAM, s) for s in range(40)]}
+    people = {name: {sample_identity(identity_rng(cfg.seed, stream, s)).to_vector().tobytes() for stream, s in keys}
+              for name, keys in uses.items()}
+    assert all(len(people[name]) == len(keys) for name, keys in uses.items())  # nobody drawn twice within a use
+    shared = {(a, b): len(people[a] & people[b]) for a in people for b in people if a < b}
+    assert all(n == 0 for n in shared.values()), {k: n for k, n in shared.items() if n}
+    assert min(map(len, people.values())) > 0
