@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SMALL_SIZE = 64  # the toy pipeline's image size (shards, generated faces); training mixes it in
 MAPPED = np.fromiter(MAPPED_COMPONENTS, dtype=int)
 # Per-component loss scale: mapped components by their range, so jaw (+-0.2) counts as much as exp.0 (+-3).
+READABLE = 0.5  # a component is read when its MAE on VAE round trips is at most this x the mean predictor's
 LOSS_SCALE = np.ones(EXP_DIM, dtype=np.float32)
 LOSS_SCALE[MAPPED] = [c.high - c.low for c in MAPPED_COMPONENTS.values()]
 
@@ -256,6 +257,9 @@ def expression_metrics(model: SmirkExpressionEncoder, images: np.ndarray, decode
             out[f"per_component_mae_vs_mean_predictor{suffix}"] = {
                 f"{COMPONENT_NAMES[i]} ({c.name})": [round(float(m), 4), round(float(b), 4)]
                 for (i, c), m, b in zip(MAPPED_COMPONENTS.items(), mae, baseline)}
+        if suffix == "_decoded":  # what the closed loop scores: generated faces are never sharper than round trips
+            out["readable_decoded"] = [COMPONENT_NAMES[i] for i, m, b in zip(MAPPED_COMPONENTS, mae, baseline)
+                                       if m <= READABLE * b]
     out["mean_predictor_mae"] = float(baseline.mean())
     out["images"] = len(images)
     return out

@@ -86,8 +86,8 @@ QUICK = AssetsConfig(
 # ------------------------------------------------------------------------------------------------- renders
 def render_set(seed: int, stream: str, subjects: range, per_subject: int, size: int,
                nuisance: float) -> dict[str, np.ndarray]:  # fmt: skip
-    """``per_subject`` random-expression, random-condition faces per subject of an identity stream (``IDENTITY_STREAMS``):
-    images, labels, (55,) expressions."""
+    """``per_subject`` random-expression, random-condition faces per subject of an identity stream (one of
+    ``IDENTITY_STREAMS``): images, labels, (55,) expressions."""
     images, labels, expressions = [], [], []
     for subject in tqdm(subjects, desc="toy renders", unit="subject"):
         rng = identity_rng(seed, stream, subject)
@@ -189,7 +189,8 @@ def _shards(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
     uses = identity_uses(cfg)
     common = dict(per_subject=cfg.shard_per_subject, size=cfg.image_size, seed=cfg.seed, per_shard=cfg.per_shard,
                   embed=toy_embedder(root / ARCFACE), id_model=TOY_ID_MODEL)
-    return {split: write_split(root / "shards", split, uses[f"{split}_stills"][1], **common) for split in ("train", "val")}
+    return {split: write_split(root / "shards", split, uses[f"{split}_stills"][1], **common)
+            for split in ("train", "val")}
 
 
 def _clips(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
@@ -321,6 +322,9 @@ def build(root: str | Path = DEFAULT_ROOT, cfg: AssetsConfig = FULL, force: bool
 
 def headline(records: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Each asset's main score next to its trivial baseline, for the CLI summary and the README."""
+    from blendexp.flame import MAPPED_COMPONENTS
+    from blendexp.toyworld.annotators import READABLE
+
     i, e = records["identity"]["metrics"], records["expression"]["metrics"]
     v, b = records["vae"]["metrics"], records["base"]["metrics"]
     return {
@@ -328,7 +332,9 @@ def headline(records: dict[str, dict[str, Any]]) -> dict[str, str]:
                             f"{i['verification_accuracy']:.3f} — chance 0.5; {i['identities']} held-out identities",
         "expression encoder": f"MAE {e['mae']:.3f} on the mapped components (64 px: {e['mae_64px']:.3f}, VAE round "
                               f"trips: {e['mae_decoded']:.3f}) vs "
-                              f"{e['mean_predictor_mae']:.3f} for the mean predictor (ratio {e['mae_ratio']:.2f})",
+                              f"{e['mean_predictor_mae']:.3f} for the mean predictor (ratio {e['mae_ratio']:.2f}); "
+                              f"reads {len(e['readable_decoded'])} of {len(MAPPED_COMPONENTS)} on VAE round trips at "
+                              f"<= {READABLE}x the mean predictor's error ({', '.join(e['readable_decoded'])})",
         "VAE": f"PSNR {v['psnr']:.1f} dB vs {v['mean_image_psnr']:.1f} dB for the mean image; "
                f"scaling_factor {v['scaling_factor']:.4f}",
         "base": f"ID sim generated↔own identity {b['id_sim_matched']:.3f} vs {b['id_sim_random']:.3f} for other "

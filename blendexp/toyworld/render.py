@@ -37,11 +37,14 @@ __all__ = [  # the toy world's public API; the parameter types live in params.py
 ]  # fmt: skip
 
 EYE_Y, MOUTH_Y, CHEEK_V, HEAD_TOP = 0.40, 0.70, 0.47, 0.10
-CORNER_LIFT, CORNER_OUT, PUCKER_NARROW, STRETCH_WIDEN = 0.035, 0.012, 0.35, 0.25
-JAW_TOP = MOUTH_Y - CORNER_LIFT - 0.015  # nothing above this line moves with the jaw
-JAW_DROP, JAW_SHIFT, JAW_TILT = 0.065, 0.045, 0.4  # tilt: drop per unit u at |jaw.2| = 0.2 (a shear)
-BROW_LIFT, BROW_LOWER, FURROW_DROP, FURROW_IN = 0.035, 0.018, 0.02, 0.018
-PUFF, PUFF_V, NOSTRIL_FLARE, NOSE_LIFT = 0.12, 0.60, 0.5, 0.012
+# Amplitudes large enough to read at 64 px after a VAE round trip (a corner lift of 0.035 was 2 px there, and the
+# toy SMIRK read smiles and brows no better than the mean predictor).
+CORNER_LIFT, CORNER_OUT, PUCKER_NARROW, STRETCH_WIDEN = 0.07, 0.024, 0.525, 0.375
+JAW_TOP = MOUTH_Y - 0.05  # nothing above this line moves with the jaw
+JAW_DROP, JAW_SHIFT, JAW_TILT = 0.065, 0.0675, 0.4  # tilt: drop per unit u at |jaw.2| = 0.2 (a shear)
+BROW_LIFT, BROW_LOWER, FURROW_DROP, FURROW_IN = 0.07, 0.036, 0.04, 0.036
+PUFF, PUFF_V, NOSTRIL_FLARE, NOSE_LIFT = 0.12, 0.60, 0.75, 0.024
+SHADE = 0.8  # skin brightening (+) / darkening (-) at full strength where a component moves the skin
 
 
 # ----------------------------------------------------------------------------------- geometry
@@ -246,6 +249,13 @@ def _nose(d: _Drawing, idn: Identity, wrinkle: float) -> None:
             d.line(crease + (0.0, 0.009 * k), _col(skin, 1 - 0.5 * wrinkle), 0.005)
 
 
+def _shade(d: _Drawing, skin: RGB, cu: float, cv: float, ru: float, rv: float, k: float) -> None:
+    """Skin patch lit (``k`` > 0) or shadowed (``k`` < 0) by a movement: an area a small encoder reads, where a
+    moved edge of a few pixels is not (the toy SMIRK read lifted corners and brows no better than the mean)."""
+    if k:
+        d.poly(_ellipse(cu, cv, ru, rv), _col(skin, 1 + SHADE * k, 20 * max(k, 0.0)))
+
+
 def _mouth(d: _Drawing, idn: Identity, c: dict[str, float]) -> None:
     """Lips from two independent corners, pucker/stretch and the jaw-driven opening with teeth."""
     pk = c["lip_pucker"]
@@ -254,6 +264,8 @@ def _mouth(d: _Drawing, idn: Identity, c: dict[str, float]) -> None:
     sr, sl = c["smile_right"], c["smile_left"]
     ur, vr = -(mw + CORNER_OUT * max(sr, 0.0)), MOUTH_Y - CORNER_LIFT * sr
     ul, vl = mw + CORNER_OUT * max(sl, 0.0), MOUTH_Y - CORNER_LIFT * sl
+    for sgn, k, cu, cv_ in ((-1, sr, ur, vr), (1, sl, ul, vl)):  # a lifted cheek catches light, a drop shades
+        _shade(d, idn.skin, cu + sgn * 0.035, cv_ + 0.01, 0.045, 0.035, k)
     t, b = _T, _BULGE**0.6
     u = ur + (ul - ur) * t
     seam = vr * (1 - t) * (1 - 2 * t) + MOUTH_Y * 4 * t * (1 - t) + vl * t * (2 * t - 1)
@@ -302,6 +314,10 @@ def _draw_face(idn: Identity, c: dict[str, float]) -> _Drawing:
             d.poly(_ellipse(sgn * 0.62 * w, PUFF_V, 0.045, 0.035), glow)
     _mouth(d, idn, c)
     _nose(d, idn, c["nose_wrinkle"])
+    for sgn, side in ((1, "left"), (-1, "right")):  # a raised brow opens the lid to the light, a lowered one shades
+        _shade(d, skin, sgn * idn.eye_spacing, EYE_Y - idn.eye_size * idn.eye_aspect - 0.025, 1.3 * idn.eye_size, 0.025,
+               c[f"brow_{side}"])
+    _shade(d, skin, 0.0, EYE_Y - idn.brow_height + 0.01, 0.025, 0.02, -c["brow_furrow"])  # the furrow's shadow
     for sgn, side in ((1, "left"), (-1, "right")):
         _eye(d, idn, sgn, c[f"eyelid_{side}"])
         _brow(d, idn, sgn, c[f"brow_{side}"], c["brow_furrow"])
@@ -348,7 +364,7 @@ def _regions(idn: Identity) -> dict[str, list[np.ndarray]]:
     es, ew, w, m = idn.eye_spacing, idn.eye_size, idn.face_width, 0.01
     eh, brow_v, half = ew * idn.eye_aspect, EYE_Y - idn.brow_height, idn.brow_thickness / 2
     brow_top, brow_bot = brow_v - 0.012 - BROW_LIFT - half - m, brow_v + BROW_LOWER + FURROW_DROP + half + m
-    inner, outer = es - 0.9 * ew - FURROW_IN - m, es + 1.15 * ew + m
+    inner, outer = es - 0.9 * ew - FURROW_IN - m, es + 1.3 * ew + m
     out: dict[str, list[np.ndarray]] = {"brows": [_box(-outer, brow_top, outer, brow_bot)]}
     for sgn, side in ((1, "left"), (-1, "right")):
         out[f"{side}_eye"] = [_box(sgn * es - ew - m, EYE_Y - eh - m, sgn * es + ew + m, EYE_Y + 0.7 * eh + m)]
@@ -358,7 +374,7 @@ def _regions(idn: Identity) -> dict[str, list[np.ndarray]]:
     nh = idn.nose_width * (1 + NOSTRIL_FLARE) * 0.72 + 0.016 + m
     out["nose"] = [_box(-nh, EYE_Y + 0.015, nh, idn.nose_length + m)]
     tu = idn.lip_thickness * 1.6
-    mh = idn.mouth_width * (1 + STRETCH_WIDEN) + CORNER_OUT + 0.026 + m
+    mh = idn.mouth_width * (1 + STRETCH_WIDEN) + CORNER_OUT + 0.08 + m
     out["mouth"] = [_box(-mh, MOUTH_Y - CORNER_LIFT - max(0.045, tu) - m, mh, MOUTH_Y + CORNER_LIFT + 1.3 * tu + m)]
     jh = w + JAW_SHIFT + 0.06
     out["jaw"] = [_box(-jh, JAW_TOP - 0.005, jh, idn.face_height + JAW_DROP + JAW_TILT * w * (1 + PUFF) + m)]

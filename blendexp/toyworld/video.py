@@ -20,7 +20,8 @@ from PIL import Image
 
 from blendexp.flame import EXP_DIM, EYELIDS
 from blendexp.images import read_video, write_video
-from blendexp.toyworld.params import Identity, Nuisance, identity_rng, sample_expression, sample_identity, sample_nuisance
+from blendexp.toyworld.params import (Identity, Nuisance, identity_rng, sample_expression, sample_identity,
+                                      sample_nuisance)
 from blendexp.toyworld.render import render_face
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,41 @@
+"""Exploration only: how readable is each mapped component on decoded faces, for a render amplitude and a recipe."""
+import json, sys, time
+from dataclasses import replace
+import numpy as np, torch
+from diffusers import AutoencoderKL
+import blendexp.toyworld.render as R
+from blendexp.toyworld.recipes import ExpressionTraining
+from blendexp.toyworld import annotators as A
+from blendexp.toyworld.autoencoder import round_trip
+from blendexp.toyworld.assets import render_set
+
+args = json.loads(sys.argv[1])
+amp = args.get("amp", 1.0)
+for k in ("CORNER_LIFT", "CORNER_OUT", "BROW_LIFT", "BROW_LOWER", "FURROW_DROP", "FURROW_IN", "NOSE_LIFT"):
+    setattr(R, k, getattr(R, k) * amp)
+for k in ("PUCKER_NARROW", "STRETCH_WIDEN", "NOSTRIL_FLARE", "JAW_SHIFT"):
+    setattr(R, k, getattr(R, k) * args.get("amp2", 1.0))
+torch.set_num_threads(args.get("threads", 2))
+if args.get("std_loss"):
+    from blendexp.toyworld.params import sample_expression
+    r = np.random.default_rng(1)
+    std = np.stack([sample_expression(r) for _ in range(20000)]).std(0)
+    A.LOSS_SCALE = np.where(std > 0, std, 1.0).astype(np.float32)
+    print("loss scale", A.LOSS_SCALE[list(A.MAPPED)])
+t = time.time()
+nz = args.get("nuisance", 1.0)
+train = render_set(0, "annotator_train", range(args.get("subjects", 400)), args.get("per", 16), 128, nz)
+held = render_set(0, "annotator_heldout", range(48), 8, 128, nz)
+vae = AutoencoderKL.from_pretrained("data/toy/stable-diffusion-v1-5/vae")
+tr_dec, he_dec = (round_trip(vae, A.shrink_all(x["images"], 64)) for x in (train, held))
+print("render+decode", time.time() - t, flush=True)
+cfg = replace(ExpressionTraining(), steps=args["steps"], lr=args.get("lr", 1e-3), batch_size=args.get("bs", 16), **args.get("recipe", {}))
+t = time.time()
+model = A.train_expression_encoder(train["images"], tr_dec, train["expressions"], cfg, 0)
+print("train", time.time() - t, flush=True)
+m = A.expression_metrics(model, held["images"], he_dec, held["expressions"], train["expressions"].mean(0))
+for key in ("per_component_mae_vs_mean_predictor", "per_component_mae_vs_mean_predictor_decoded"):
+    r = {n: round(a / b, 2) for n, (a, b) in m[key].items()}
+    print(key, r, "readable<=0.5:", sum(v <= 0.5 for v in r.values()), flush=True)
+torch.save(model.state_dict(), args["out"] + ".pt")
+json.dump({"args": args, "metrics": m}, open(args["out"], "w"), indent=1)
