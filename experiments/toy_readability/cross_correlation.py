@@ -3,9 +3,6 @@ from blendexp.faces.expression import SmirkExpressionEncoder
 from blendexp.toyworld import annotators as A
 from blendexp.toyworld.assets import render_set
 from blendexp.flame import MAPPED_COMPONENTS
-import blendexp.toyworld.render as R
-for k in ("CORNER_LIFT", "CORNER_OUT", "BROW_LIFT", "BROW_LOWER", "FURROW_DROP", "FURROW_IN", "NOSE_LIFT"):
-    pass  # code already amplified on this branch
 m = SmirkExpressionEncoder(); m.load_state_dict(torch.load(sys.argv[1], weights_only=True)); m.eval()
 held = render_set(0, "annotator_heldout", range(48), 8, 128, float(sys.argv[2]))
 p = A.predict_expressions(m, held["images"])

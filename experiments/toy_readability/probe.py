@@ -24,7 +24,18 @@ if args.get("std_loss"):
     print("loss scale", A.LOSS_SCALE[list(A.MAPPED)])
 t = time.time()
 nz = args.get("nuisance", 1.0)
+import blendexp.toyworld.assets as AS
+from blendexp.toyworld import params as PR
+_orig = PR.sample_expression
+def _sparse(rng, scale=1.0, p=args.get("p_active", 0.5)):
+    out = PR.neutral_expression(); idx = np.fromiter(PR.MAPPED_COMPONENTS, dtype=int)
+    lo = np.array([c.low for c in PR.MAPPED_COMPONENTS.values()]); hi = np.array([c.high for c in PR.MAPPED_COMPONENTS.values()])
+    active = rng.random(len(idx)) < p
+    out[idx] = np.where(active, np.clip(rng.uniform(lo, hi) * scale, lo, hi), 0.0)
+    return out
+AS.sample_expression = _sparse
 train = render_set(0, "annotator_train", range(args.get("subjects", 400)), args.get("per", 16), 128, nz)
+AS.sample_expression = _orig
 held = render_set(0, "annotator_heldout", range(48), 8, 128, nz)
 vae = AutoencoderKL.from_pretrained("data/toy/stable-diffusion-v1-5/vae")
 tr_dec, he_dec = (round_trip(vae, A.shrink_all(x["images"], 64)) for x in (train, held))
