@@ -45,6 +45,8 @@ JAW_DROP, JAW_SHIFT, JAW_TILT = 0.065, 0.0675, 0.4  # tilt: drop per unit u at |
 BROW_LIFT, BROW_LOWER, FURROW_DROP, FURROW_IN = 0.07, 0.036, 0.04, 0.036
 PUFF, PUFF_V, NOSTRIL_FLARE, NOSE_LIFT = 0.12, 0.60, 0.75, 0.024
 SHADE = 0.8  # skin brightening (+) / darkening (-) at full strength where a component moves the skin
+CORNER_PATCH = (0.035, 0.045, 0.035)  # the smile's patch: offset outwards from the corner, u and v radii
+BROW_PATCH = 1.3  # the brow's patch: u radius in eye sizes
 
 
 # ----------------------------------------------------------------------------------- geometry
@@ -265,7 +267,8 @@ def _mouth(d: _Drawing, idn: Identity, c: dict[str, float]) -> None:
     ur, vr = -(mw + CORNER_OUT * max(sr, 0.0)), MOUTH_Y - CORNER_LIFT * sr
     ul, vl = mw + CORNER_OUT * max(sl, 0.0), MOUTH_Y - CORNER_LIFT * sl
     for sgn, k, cu, cv_ in ((-1, sr, ur, vr), (1, sl, ul, vl)):  # a lifted cheek catches light, a drop shades
-        _shade(d, idn.skin, cu + sgn * 0.035, cv_ + 0.01, 0.045, 0.035, k)
+        off, ru, rv = CORNER_PATCH
+        _shade(d, idn.skin, cu + sgn * off, cv_ + 0.01, ru, rv, k)
     t, b = _T, _BULGE**0.6
     u = ur + (ul - ur) * t
     seam = vr * (1 - t) * (1 - 2 * t) + MOUTH_Y * 4 * t * (1 - t) + vl * t * (2 * t - 1)
@@ -315,7 +318,7 @@ def _draw_face(idn: Identity, c: dict[str, float]) -> _Drawing:
     _mouth(d, idn, c)
     _nose(d, idn, c["nose_wrinkle"])
     for sgn, side in ((1, "left"), (-1, "right")):  # a raised brow opens the lid to the light, a lowered one shades
-        _shade(d, skin, sgn * idn.eye_spacing, EYE_Y - idn.eye_size * idn.eye_aspect - 0.025, 1.3 * idn.eye_size, 0.025,
+        _shade(d, skin, sgn * idn.eye_spacing, EYE_Y - idn.eye_size * idn.eye_aspect - 0.025, BROW_PATCH * idn.eye_size, 0.025,
                c[f"brow_{side}"])
     _shade(d, skin, 0.0, EYE_Y - idn.brow_height + 0.01, 0.025, 0.02, -c["brow_furrow"])  # the furrow's shadow
     for sgn, side in ((1, "left"), (-1, "right")):
@@ -364,7 +367,7 @@ def _regions(idn: Identity) -> dict[str, list[np.ndarray]]:
     es, ew, w, m = idn.eye_spacing, idn.eye_size, idn.face_width, 0.01
     eh, brow_v, half = ew * idn.eye_aspect, EYE_Y - idn.brow_height, idn.brow_thickness / 2
     brow_top, brow_bot = brow_v - 0.012 - BROW_LIFT - half - m, brow_v + BROW_LOWER + FURROW_DROP + half + m
-    inner, outer = es - 0.9 * ew - FURROW_IN - m, es + 1.3 * ew + m
+    inner, outer = es - 0.9 * ew - FURROW_IN - m, es + BROW_PATCH * ew + m
     out: dict[str, list[np.ndarray]] = {"brows": [_box(-outer, brow_top, outer, brow_bot)]}
     for sgn, side in ((1, "left"), (-1, "right")):
         out[f"{side}_eye"] = [_box(sgn * es - ew - m, EYE_Y - eh - m, sgn * es + ew + m, EYE_Y + 0.7 * eh + m)]
@@ -374,7 +377,7 @@ def _regions(idn: Identity) -> dict[str, list[np.ndarray]]:
     nh = idn.nose_width * (1 + NOSTRIL_FLARE) * 0.72 + 0.016 + m
     out["nose"] = [_box(-nh, EYE_Y + 0.015, nh, idn.nose_length + m)]
     tu = idn.lip_thickness * 1.6
-    mh = idn.mouth_width * (1 + STRETCH_WIDEN) + CORNER_OUT + 0.08 + m
+    mh = idn.mouth_width * (1 + STRETCH_WIDEN) + CORNER_OUT + CORNER_PATCH[0] + CORNER_PATCH[1] + m
     out["mouth"] = [_box(-mh, MOUTH_Y - CORNER_LIFT - max(0.045, tu) - m, mh, MOUTH_Y + CORNER_LIFT + 1.3 * tu + m)]
     jh = w + JAW_SHIFT + 0.06
     out["jaw"] = [_box(-jh, JAW_TOP - 0.005, jh, idn.face_height + JAW_DROP + JAW_TILT * w * (1 + PUFF) + m)]
