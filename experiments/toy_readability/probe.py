@@ -16,6 +16,12 @@ for k in ("CORNER_LIFT", "CORNER_OUT", "BROW_LIFT", "BROW_LOWER", "FURROW_DROP",
 for k in ("PUCKER_NARROW", "STRETCH_WIDEN", "NOSTRIL_FLARE", "JAW_SHIFT"):
     setattr(R, k, getattr(R, k) * args.get("amp2", 1.0))
 torch.set_num_threads(args.get("threads", 2))
+if args.get("tint"):  # lateral patches (cu != 0) tinted by side: left and right become colours, not places
+    _plain_shade = R._shade
+    def _tinted(d, skin, cu, cv, ru, rv, k):
+        hue = np.array((-1.0, 0.2, 1.0) if cu > 0 else (1.0, -0.2, -1.0) if cu < 0 else (0.0, 0.0, 0.0))
+        _plain_shade(d, tuple(np.clip(np.asarray(skin, float) + args["tint"] * abs(k) * hue, 0, 1)), cu, cv, ru, rv, k)
+    R._shade = _tinted
 if args.get("std_loss"):
     from blendexp.toyworld.params import sample_expression
     r = np.random.default_rng(1)
