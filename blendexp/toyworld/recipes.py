@@ -23,9 +23,10 @@ class IdentityTraining:
 @dataclass(frozen=True)
 class ExpressionTraining:
     """How the SMIRK-architecture encoder is trained (range-scaled MSE on the 55 values). From scratch it predicts
-    the mean for the first ~700 steps before it starts to read expressions, hence the long default."""
+    the mean for the first ~700 steps before it starts to read expressions; the smiles, the furrow and the eyelids
+    are read only after ~3000 (experiments/toy_readability), hence the long default."""
 
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4

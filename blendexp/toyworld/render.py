@@ -215,13 +215,13 @@ def _eye(d: _Drawing, idn: Identity, sgn: int, closure: float) -> None:
     d.line(_pts(u[3:-3], rest[3:-3] - 0.011), _col(idn.skin, 0.8), 0.003)  # crease
     d.poly(_band(u, rest, upper), _col(idn.skin, 0.93))  # lid
     d.poly(_band(u, upper, lower), (242, 240, 234, 255))  # sclera
-    r = 0.95 * eh
+    r = 0.8 * eh
     discs = ((0.0, r, _col(idn.eye)), (0.0, 0.45 * r, (15, 12, 12, 255)), (0.35 * r, 0.2 * r, (250, 250, 250, 255)))
     for off, rad, colour in discs:  # iris, pupil, glint, clipped to the open lids
         disc = _ellipse(cu + off, EYE_Y - off, rad, rad)
         disc[:, 1] = np.clip(disc[:, 1], np.interp(disc[:, 0], u, upper), np.interp(disc[:, 0], u, lower))
         d.poly(disc, colour)
-    d.line(_pts(u, upper), _col(idn.hair, 0.3), 0.005)  # lashes
+    d.line(_pts(u, upper), _col(idn.hair, 0.3), 0.009)  # lashes
     d.line(_pts(u[2:-2], lower[2:-2]), _col(idn.skin, 0.72), 0.002)
 
 
