@@ -28,9 +28,11 @@ Goals (on ``test``), each ratio with a two-way bootstrap 95% interval (sources a
   * ID similarity of expr_adapter >= 0.9x arc2face's;
   * expr_ref's background L1 to the reference below expr_adapter's: the interval's top < 1 (the Reference
     Adapter keeps appearance).
+Negative controls on the same pairs (``--no-controls`` skips them): the trained Expression Adapter at scale 0 and an
+untrained one at the run's scale must both miss the expression goal, or meeting it proves nothing.
 Prints the table, each readable component's error and target/read correlation per method, and writes all of it to
 ``<out>/closed_loop.json`` (``closed_loop_val.json`` on ``val``, ``_negmean`` with ``--negative-expression mean``);
-with ``--check`` exits 1 when a goal is missed.
+with ``--check`` exits 1 when a goal is missed or a negative control meets the expression goal.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ SPLITS = ("val", "test")  # halves of the held-out stills' subjects: val chooses
 SCALE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0)  # --calibrate's default scales
 CALIBRATE = "python benchmarks/closed_loop.py --split val --calibrate, with this run's flags"
 
+# Negative controls: neither may meet the expression goal, or the goal proves nothing about the trained adapter.
+CONTROLS = {"expr_scale0": "the trained Expression Adapter at scale 0 (Arc2Face alone)",
+            "expr_untrained": "an untrained Expression Adapter at the run's scale"}
 GOALS = [("expr_adapter / arc2face expression error", "expr_ratio", f"<= {EXPR_GOAL}, interval top <= {EXPR_HIGH}",
           "expr_goal_met"),
          ("expr_adapter / arc2face ID similarity", "id_ratio", f">= {ID_GOAL}", "id_goal_met"),
@@ -179,6 +184,12 @@ def run_methods(expr: Path, ref: Path, scale: float, negative: list[str]) -> lis
             *(f"eval.methods.{m}.{k}" for m in ("expr_adapter", "expr_ref") for k in (f"scale={scale}", *negative))]
 
 
+def control_methods(expr: Path, scale: float, negative: list[str]) -> list[str]:
+    """Evaluation overrides of the negative controls (``CONTROLS``), on the same pairs and seeds as the methods."""
+    settings = {"expr_scale0": (f"adapter={expr}", "scale=0"), "expr_untrained": ("adapter=null", f"scale={scale}")}
+    return [f"+eval.methods.{m}.{k}" for m, ks in settings.items() for k in ("kind=expr_adapter", *ks, *negative)]
+
+
 def calibration_methods(expr: Path, scales: list[float], negative: list[str]) -> list[str]:
     """Evaluation overrides of a calibration: Arc2Face and the Expression Adapter at every scale, in one evaluation
     (Arc2Face's images are made once)."""
@@ -215,7 +226,7 @@ class Report:
         self.readings = pd.read_csv(folder / "expression_per_image.csv")
         self.errors = pd.DataFrame({c: (self.readings[f"read.{c}"] - self.readings[f"target.{c}"]).abs()
                                     for c in readable})
-        self.readings["exp_mae_readable"] = self.errors.mean(axis=1)
+        self.readings = self.readings.assign(exp_mae_readable=self.errors.mean(axis=1))
         self.rows = {r["method"]: r for r in pd.read_csv(folder / "results.csv").to_dict("records")}
         self.sources = {s: i for i, s in enumerate(sorted(self.images["source"].unique()))}
         self.targets = {t: i for i, t in enumerate(sorted(self.images["target"].unique()))}
@@ -243,6 +254,11 @@ class Report:
                     for m, g in self.readings.groupby("method")} for c in self.readable}
 
 
+def meets_expr_goal(ci: dict[str, float]) -> bool:
+    """An expression-error ratio meets the goal: its estimate and its interval's top under the goal's lines."""
+    return ci["ratio"] <= EXPR_GOAL and ci["high"] <= EXPR_HIGH
+
+
 def summarise(report: Report) -> dict[str, object]:
     """Per-method scores, per readable component error and correlation, the three ratios with two-way bootstrap 95%
     intervals, and whether each goal is met."""
@@ -254,10 +270,18 @@ def summarise(report: Report) -> dict[str, object]:
             "intervals": {"expr_ratio": expr, "id_ratio": ident, "bg_l1_ref_vs_expr": bg,
                           "resamples": report.resamples,
                           "over": "sources and targets, each resampled with replacement"},
-            "expr_ratio": expr["ratio"], "expr_goal_met": expr["ratio"] <= EXPR_GOAL and expr["high"] <= EXPR_HIGH,
+            "expr_ratio": expr["ratio"], "expr_goal_met": meets_expr_goal(expr),
             "id_ratio": ident["ratio"],
             "id_goal_met": bool(methods["arc2face"]["id_sim"] > 0 and ident["ratio"] >= ID_GOAL),
-            "bg_l1_ref_vs_expr": bg["ratio"], "ref_goal_met": bg["high"] < 1}
+            "bg_l1_ref_vs_expr": bg["ratio"], "ref_goal_met": bg["high"] < 1, **control_results(report)}
+
+
+def control_results(report: Report) -> dict[str, object]:
+    """Each negative control's expression error over Arc2Face's (with its interval), and whether all of them miss the
+    expression goal (``None`` when the run evaluated none)."""
+    ratios = {m: report.ratio("exp_mae_readable", m, "arc2face") for m in CONTROLS if m in report.rows}
+    return {"controls": ratios,
+            "controls_miss_goal": not any(map(meets_expr_goal, ratios.values())) if ratios else None}
 
 
 def calibrate(report: Report, scales: list[float], made_with: dict[str, str]) -> dict[str, object]:
@@ -300,6 +324,10 @@ def print_result(result: dict[str, object]) -> None:
         ci = result["intervals"][key]
         print(f"{label}: {ci['ratio']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] "
               f"(goal {goal}: {'met' if result[met] else 'NOT met'})")
+    for m, ci in result["controls"].items():
+        verdict = "MEETS it: the expression goal proves nothing" if meets_expr_goal(ci) else "misses it, as it must"
+        print(f"negative control {m} / arc2face expression error ({CONTROLS[m]}): {ci['ratio']:.3f} "
+              f"[{ci['low']:.3f}, {ci['high']:.3f}] ({verdict})")
 
 
 def parse_args() -> argparse.Namespace:
@@ -340,7 +368,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of both trainings and of the evaluation's samples")
     p.add_argument("--resamples", type=int, default=2000, help="two-way bootstrap resamples of the intervals")
-    p.add_argument("--check", action="store_true", help="exit 1 when a goal is not met")
+    p.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the negative controls (the adapter at scale 0, an untrained adapter) on the "
+                        "same pairs; each must miss the expression goal")
+    p.add_argument("--check", action="store_true", help="exit 1 when a goal is missed or a negative control meets "
+                                                        "the expression goal")
     a = p.parse_args()
     if a.calibrate is not None and a.split != "val":
         p.error("--calibrate chooses on the validation split only: add --split val (the test split is never used "
@@ -387,7 +419,8 @@ def main() -> None:
         scale, cal = calibrated_scale(calibration, made_with)
         scale_from = f"calibration on val: {calibration}"
     name = f"closed_loop_{a.split}_scale{scale:g}{suffix}"  # a generation cache per split and scale
-    folder = evaluate(name, out, toy, data, run_methods(expr, ref, scale, negative), a)
+    controls = control_methods(expr, scale, negative) if a.controls else []
+    folder = evaluate(name, out, toy, data, [*run_methods(expr, ref, scale, negative), *controls], a)
     result = {"split": a.split, "expr_scale": scale, "scale_from": scale_from, "calibration": cal,
               "negative_expression": a.negative_expression, "seed": a.seed,
               **summarise(Report(folder, readable, a.resamples, a.seed))}
@@ -395,7 +428,7 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=1) + "\n")
     print_result(result)
     print(f"written: {path}")
-    if a.check and not all(result[key] for *_, key in GOALS):
+    if a.check and not (all(result[key] for *_, key in GOALS) and result["controls_miss_goal"] is not False):
         sys.exit(1)
 
 

@@ -4,6 +4,7 @@ threshold, so the suite passes on any machine of this kind, not only on the one 
     uv run python scripts/measure_margins.py quick-build --seeds 0 1 2 3 4 --isa native avx2
     uv run python scripts/measure_margins.py closed-loop --seeds 0 1 --isa native avx2
     uv run python scripts/measure_margins.py train-overfit | reference-overfit | shipped
+    uv run python scripts/measure_margins.py closed-loop-scale --seeds 0 1 --isa native   # a choice, on val
 
 Each run calls the test module's ``measure_figures(seed, work)`` (what the test runs, such as the quick toy build or
 the reduced closed loop, with that seed, in a fresh folder) in a fresh process; ``--isa avx2`` caps PyTorch's,
@@ -35,18 +36,27 @@ ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU
                                   "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
-# what can be measured: the test module that declares THRESHOLDS and ``measure_figures(seed, work)``
+# what can be measured: the test module that declares THRESHOLDS and ``measure_figures(seed, work)``, or a module
+# and another function of it whose figures are read to make a choice (no thresholds)
 TARGETS = {"quick-build": "tests.toyworld.test_assets", "closed-loop": "tests.eval.test_closed_loop",
+           "closed-loop-scale": "tests.eval.test_closed_loop:measure_validation_scales",
            "train-overfit": "tests.test_train", "reference-overfit": "tests.modules.test_reference",
            "shipped": "tests.toyworld.test_shipped"}
-MEASURE = ("import json, sys; from pathlib import Path; from {module} import measure_figures; "
-           "print('FIGURES ' + json.dumps(measure_figures(int(sys.argv[1]), Path(sys.argv[2]))))")
+MEASURE = ("import json, sys; from pathlib import Path; from {module} import {function}; "
+           "print('FIGURES ' + json.dumps({function}(int(sys.argv[1]), Path(sys.argv[2]))))")
 
 
-def measure(module: str, seed: int, env: dict[str, str], work: Path) -> dict[str, Any]:
-    """The module's ``measure_figures`` in a fresh process whose kernels follow ``env`` (set before torch loads)."""
+def target(name: str) -> tuple[str, str]:
+    """The (module, function) a target runs."""
+    module, _, function = TARGETS[name].partition(":")
+    return module, function or "measure_figures"
+
+
+def measure(module: str, function: str, seed: int, env: dict[str, str], work: Path) -> dict[str, Any]:
+    """The module's ``function`` in a fresh process whose kernels follow ``env`` (set before torch loads)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", MEASURE.format(module=module), str(seed), str(work)], cwd=REPO,
+    code = MEASURE.format(module=module, function=function)
+    proc = subprocess.run([sys.executable, "-c", code, str(seed), str(work)], cwd=REPO,
                           env={**os.environ, **env}, text=True, capture_output=True)
     if proc.returncode != 0:
         sys.exit(f"{module} (seed {seed}) failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -91,9 +101,9 @@ def main() -> None:
     p.add_argument("--isa", nargs="+", choices=sorted(ISA_ENV), default=["native", "avx2"])
     p.add_argument("--out", type=Path, default=None, help="default: tests/margins/<target>.json")
     a = p.parse_args()
-    module = TARGETS[a.target]
+    module, function = target(a.target)
     sys.path.insert(0, str(REPO))
-    thresholds = importlib.import_module(module).THRESHOLDS
+    thresholds = importlib.import_module(module).THRESHOLDS if function == "measure_figures" else {}
     out = a.out or OUT / f"{a.target.replace('-', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text())["runs"] if out.is_file() else []
@@ -103,7 +113,7 @@ def main() -> None:
             if any(r["seed"] == seed and r["isa"] == isa for r in runs):
                 continue
             with tempfile.TemporaryDirectory(prefix=f"margins-{a.target}-") as work:
-                figures = measure(module, seed, ISA_ENV[isa], Path(work))
+                figures = measure(module, function, seed, ISA_ENV[isa], Path(work))
             runs.append({"seed": seed, "isa": isa, "figures": figures})
             print(json.dumps(runs[-1]), flush=True)
             write(out, runs, thresholds)  # after every run: a long sweep keeps what it did
