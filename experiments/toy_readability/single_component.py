@@ -1,19 +1,19 @@
-import numpy as np, torch
+import sys, numpy as np, torch
 from dataclasses import replace
 from blendexp.toyworld import annotators as A
 from blendexp.toyworld.recipes import ExpressionTraining
 from blendexp.toyworld.params import identity_rng, sample_identity, neutral_expression, Nuisance
 from blendexp.toyworld.render import render_face
 from blendexp.flame import MAPPED_COMPONENTS, component_index
-import sys
 torch.set_num_threads(2)
 k = component_index(sys.argv[1] if len(sys.argv) > 1 else "exp.0")  # usage: single_component.py [COMPONENT]
+low, high = MAPPED_COMPONENTS[k].low, MAPPED_COMPONENTS[k].high
 def make(stream, n):
     ims, exps = [], []
     for s in range(n):
         rng = identity_rng(0, stream, s); idn = sample_identity(rng)
         for _ in range(4):
-            e = neutral_expression(); e[k] = rng.uniform(MAPPED_COMPONENTS[k].low, MAPPED_COMPONENTS[k].high) if rng.random() < 0.5 else 0.0
+            e = neutral_expression(); e[k] = rng.uniform(low, high) if rng.random() < 0.5 else 0.0
             ims.append(np.asarray(render_face(idn, e, Nuisance.none(), 128))); exps.append(e)
     return np.stack(ims), np.stack(exps)
 tr, ytr = make("annotator_train", 200)
