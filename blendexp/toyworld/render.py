@@ -45,7 +45,8 @@ JAW_DROP, JAW_SHIFT, JAW_TILT = 0.065, 0.0675, 0.4  # tilt: drop per unit u at |
 BROW_LIFT, BROW_LOWER, FURROW_DROP, FURROW_IN = 0.07, 0.036, 0.04, 0.036
 PUFF, PUFF_V, NOSTRIL_FLARE, NOSE_LIFT = 0.12, 0.60, 0.75, 0.024
 SHADE = 0.8  # skin brightening (+) / darkening (-) at full strength where a component moves the skin
-CORNER_PATCH = (0.035, 0.045, 0.035)  # the smile's patch: offset outwards from the corner, u and v radii
+CORNER_PATCH = (0.045, 0.065, 0.05)  # the smile's patch: offset outwards from the corner, u and v radii (0.035,
+# 0.045, 0.035 kept 0.64 of a smile's pixel change through the build's VAE; this size 0.74: vae_survival.py)
 BROW_PATCH = 1.3  # the brow's patch: u radius in eye sizes
 
 
@@ -314,7 +315,7 @@ def _draw_face(idn: Identity, c: dict[str, float]) -> _Drawing:
     if c["cheek_puff"] > 0:
         for sgn in (-1, 1):
             glow = _col(skin, 1 + 0.1 * c["cheek_puff"], 14 * c["cheek_puff"])
-            d.poly(_ellipse(sgn * 0.62 * w, PUFF_V, 0.045, 0.035), glow)
+            d.poly(_ellipse(sgn * 0.74 * w, PUFF_V - 0.05, 0.045, 0.035), glow)
     _mouth(d, idn, c)
     _nose(d, idn, c["nose_wrinkle"])
     for sgn, side in ((1, "left"), (-1, "right")):  # a raised brow opens the lid to the light, a lowered one shades
@@ -378,7 +379,9 @@ def _regions(idn: Identity) -> dict[str, list[np.ndarray]]:
     out["nose"] = [_box(-nh, EYE_Y + 0.015, nh, idn.nose_length + m)]
     tu = idn.lip_thickness * 1.6
     mh = idn.mouth_width * (1 + STRETCH_WIDEN) + CORNER_OUT + CORNER_PATCH[0] + CORNER_PATCH[1] + m
-    out["mouth"] = [_box(-mh, MOUTH_Y - CORNER_LIFT - max(0.045, tu) - m, mh, MOUTH_Y + CORNER_LIFT + 1.3 * tu + m)]
+    patch_v = CORNER_PATCH[2] + 0.01  # a corner's shading patch reaches this far beyond the moved corner
+    out["mouth"] = [_box(-mh, MOUTH_Y - CORNER_LIFT - max(0.045, tu, patch_v) - m, mh,
+                         MOUTH_Y + CORNER_LIFT + max(1.3 * tu, patch_v) + m)]
     jh = w + JAW_SHIFT + 0.06
     out["jaw"] = [_box(-jh, JAW_TOP - 0.005, jh, idn.face_height + JAW_DROP + JAW_TILT * w * (1 + PUFF) + m)]
     return out
