@@ -45,8 +45,8 @@ JAW_DROP, JAW_SHIFT, JAW_TILT = 0.065, 0.0675, 0.4  # tilt: drop per unit u at |
 BROW_LIFT, BROW_LOWER, FURROW_DROP, FURROW_IN = 0.07, 0.036, 0.04, 0.036
 PUFF, PUFF_V, NOSTRIL_FLARE, NOSE_LIFT = 0.12, 0.60, 0.75, 0.024
 SHADE = 0.8  # skin brightening (+) / darkening (-) at full strength where a component moves the skin
-CORNER_PATCH = (0.045, 0.065, 0.05)  # the smile's patch: offset outwards from the corner, u and v radii (0.035,
-# 0.045, 0.035 kept 0.64 of a smile's pixel change through the build's VAE; this size 0.74: vae_survival.py)
+CORNER_PATCH = (0.045, 0.065, 0.05)  # the smile's patch: offset outwards from the corner, u and v radii (larger
+# than the first (0.035, 0.045, 0.035): more of a smile's change survives the VAE, experiments/toy_readability)
 BROW_PATCH = 1.3  # the brow's patch: u radius in eye sizes
 
 

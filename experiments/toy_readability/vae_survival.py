@@ -1,5 +1,5 @@
-"""Exploration only: how much of each component's pixel change (its full range, 64 px, no photo conditions) survives a VAE round trip: regression of the decoded change on the sharp one ("kept") and their correlation. Usage: vae_survival.py VAE_DIR [THREADS]"""
-import sys, numpy as np, torch
+"""Exploration only: how much of each component's pixel change (its full range, 64 px, no photo conditions) survives a VAE round trip: regression of the decoded change on the sharp one ("kept") and their correlation. Usage: vae_survival.py VAE_DIR [THREADS] [OUT.json]"""
+import json, sys, numpy as np, torch
 from diffusers import AutoencoderKL
 from blendexp.toyworld.params import identity_rng, sample_identity, neutral_expression, Nuisance
 from blendexp.toyworld.render import render_face
@@ -9,6 +9,7 @@ from blendexp.flame import MAPPED_COMPONENTS, COMPONENT_NAMES
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
 ids = [sample_identity(identity_rng(0, "annotator_heldout", s)) for s in range(12)]
+rows = {}
 for i, c in MAPPED_COMPONENTS.items():
     lo, hi = [], []
     for idn in ids:
@@ -22,3 +23,6 @@ for i, c in MAPPED_COMPONENTS.items():
     kept = (sd * dd).sum() / (sd * sd).sum(); corr = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(sd, dd)])
     print(f"{COMPONENT_NAMES[i]:>10} {c.name:<14} sharp |d| {np.abs(sd).mean():6.3f} decoded |d| {np.abs(dd).mean():6.3f} "
           f"kept {kept:5.2f} corr {corr:5.2f}", flush=True)
+    rows[c.name] = {"kept": float(kept), "corr": float(corr)}
+if len(sys.argv) > 3:
+    open(sys.argv[3], "w").write(json.dumps({"vae": sys.argv[1], "components": rows}, indent=1))
