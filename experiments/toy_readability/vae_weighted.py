@@ -1,21 +1,19 @@
 """Exploration only: fine-tune a build's toy VAE (ROOT/vae) for STEPS with the pixel loss weighted up to 1+AMP at the
 aligned face's centre (AMP 0: the plain loss, as a control of the extra training), save it to OUT and print PSNR on
 the held-out renders, whole frame and face box. Usage: vae_weighted.py ROOT OUT STEPS AMP"""
-import sys, numpy as np, torch, torch.nn.functional as F
+import sys, numpy as np, torch
 from pathlib import Path
 from diffusers import AutoencoderKL
 from blendexp.toyworld import assets
 from blendexp.toyworld.annotators import shrink_all
-from blendexp.toyworld.autoencoder import to_pixels, round_trip, psnr
+from blendexp.toyworld.autoencoder import face_weights, to_pixels, round_trip, psnr
 from blendexp.toyworld.fitting import fit
 torch.set_num_threads(2); torch.manual_seed(0)
 root, out, steps, amp = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 train = shrink_all(assets.load_renders(root, "train")["images"])
 held = shrink_all(assets.load_renders(root, "heldout")["images"])
 vae = AutoencoderKL.from_pretrained(root / "vae").train()
-g = (torch.arange(64) + 0.5) / 64
-w = 1 + amp * torch.exp(-((g[None, :] - 0.5) ** 2 / (2 * 0.15**2) + (g[:, None] - 0.57) ** 2 / (2 * 0.2**2)))
-w = w / w.mean(); rng = np.random.default_rng(0)
+w = face_weights(64, amp); rng = np.random.default_rng(0)  # the build's weights (VaeTraining.face_weight)
 def step():
     x = to_pixels(train[rng.integers(len(train), size=16)])
     post = vae.encode(x).latent_dist

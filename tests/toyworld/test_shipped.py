@@ -49,6 +49,11 @@ THRESHOLDS = {
 }
 
 
+# the components the build reads on VAE round trips (experiments/toy_readability/results/build_d31590f_metrics.json)
+DECODED = ("exp.0 (smile_left)", "exp.1 (smile_right)", "exp.4 (brow_furrow)", "eyelid.0 (eyelid_left)",
+           "eyelid.1 (eyelid_right)", "jaw.0 (jaw_open)")
+
+
 def annotator_figures(seed: int = 0) -> dict[str, float]:
     """The shipped recogniser and SMIRK on 24 unseen identities x 4 photos (rendered as the build's held-out set)."""
     faces = render_set(seed=seed, stream=FRESH_STREAM, subjects=range(16, 40), per_subject=4, size=128, nuisance=1.0)
@@ -64,7 +69,8 @@ def annotator_figures(seed: int = 0) -> dict[str, float]:
             "expression.eyelid_left_vs_mean_predictor": ratio(per["eyelid.0 (eyelid_left)"]),
             "expression.eyelid_right_vs_mean_predictor": ratio(per["eyelid.1 (eyelid_right)"]),
             "expression.jaw_open_vs_mean_predictor": ratio(per["jaw.0 (jaw_open)"]),
-            "expression.jaw_open_decoded_vs_mean_predictor": ratio(dec["jaw.0 (jaw_open)"])}
+            **{f"expression.{key.split('(')[1][:-1]}_decoded_vs_mean_predictor": ratio(dec[key]) for key in DECODED},
+            "expression.readable_decoded": float(len(exp["readable_decoded"]))}
 
 
 def base_figures(grid: Path, seed: int = 0) -> dict[str, float]:
