@@ -22,9 +22,9 @@ from blendexp.toyworld.annotators import (
     smirk_inputs,
     verification_metrics,
 )
-from blendexp.toyworld.autoencoder import psnr, set_scaling_factor, to_pixels, toy_vae
+from blendexp.toyworld.autoencoder import face_weights, psnr, set_scaling_factor, to_pixels, toy_vae
 from blendexp.toyworld.params import sample_expression, sample_identity, sample_nuisance
-from blendexp.toyworld.render import render_face
+from blendexp.toyworld.render import region_masks, render_face
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,17 @@ def test_psnr_values() -> None:
     values = psnr(a, b)
     assert values[0] > 100  # identical images: capped by the MSE floor, not inf
     np.testing.assert_allclose(values[1:], [10 * np.log10(255.0**2), 0.0])
+
+
+def test_vae_face_weights_favour_every_expression_region() -> None:
+    # The weights must sit on what the expression moves (brows, eyes, nose, mouth) for any toy person; a centre
+    # placed on the forehead or the shirt would spend the VAE on the wrong pixels.
+    w = face_weights(64, 4.0).numpy()
+    assert w.mean() == pytest.approx(1.0) and np.allclose(face_weights(64, 0.0).numpy(), 1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        masks = region_masks(sample_identity(rng), 64)
+        face = np.any([masks[r] for r in ("brows", "left_eye", "right_eye", "nose", "mouth")], axis=0)
+        assert all(w[masks[r]].mean() > 1.5 for r in ("left_eye", "right_eye", "mouth", "nose"))
+        assert w[masks["brows"]].mean() > 1.3 and w[face].mean() > 2 * w[~face].mean()
+
