@@ -76,7 +76,7 @@ FULL = AssetsConfig()
 QUICK = AssetsConfig(
     train_subjects=60, train_per_subject=8, heldout_subjects=12, heldout_per_subject=4,
     identity=IdentityTraining(steps=60, batch_size=32),
-    expression=ExpressionTraining(steps=300, batch_size=16, decoded_p=0.2, blur_p=0.1),
+    expression=ExpressionTraining(steps=500, batch_size=16, decoded_p=0.2, blur_p=0.1),
     vae=VaeTraining(steps=400, width=16), shard_subjects=24, shard_per_subject=4, val_shard_subjects=4, per_shard=48,
     clip_subjects=8, clip_frames=8,
     base=BaseTraining(steps=20, batch_size=8, eval_identities=6, eval_samples=1, eval_steps=4),

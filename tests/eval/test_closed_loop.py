@@ -44,19 +44,23 @@ def toy_data(root: Path) -> Path:
     return root
 
 
-# The jaw sweep's slope (measured over requested jaw opening) in tests/margins/closed_loop.json: trained 0.151 / 0.087
-# (seed 0, native / avx2), 0.290 / 0.293 (seed 1); untrained, the same sweep: 0.011 / 0.011 (seed 0, the init this
-# test uses), 0.042 / 0.042 (seed 1); at scale 0 the images do not change (slope 0). The threshold sits 0.052 below
-# the worst trained figure and 0.024 above the untrained adapter of this test's seed.
-JAW_SLOPE = 0.035
+# The jaw sweep's slope (measured over requested jaw opening) in tests/margins/closed_loop.json: trained 0.282 / 0.273
+# (seed 0, native / avx2), 0.338 / 0.340 (seed 1); untrained, the same sweep: 0.069 / 0.069 (seed 0, the init this
+# test uses), 0.028 / 0.028 (seed 1); at scale 0 the images do not change (slope 0). With the d31590f toy world's SMIRK
+# an untrained adapter's random tokens read as 0.069 of jaw per unit (the 0.035 of the older world no longer separated
+# them), so the threshold moved to 0.15: 0.12 below the worst trained figure, 0.08 above the worst untrained one.
+JAW_SLOPE = 0.15
 # The reduced closed loop's thresholds, each below the worst of its runs over seeds and CPU code paths with the margin
 # recorded in tests/margins/closed_loop.json (``python scripts/measure_margins.py closed-loop``). The shipped base draws
 # the identity it is given (about 0.55 cosine on the toy recogniser, 0 for strangers) and the adapter must not lose it.
 # The negative controls (the adapter at scale 0, an untrained adapter) must miss EXPR_MISS, the expression ratio the
-# trained adapter is to reach here (the closed-loop issue's 0.8x).
+# trained adapter is to reach here (the closed-loop issue's 0.8x). The background ratio's threshold moved from < 0.85
+# to < 0.9 with the d31590f toy world (worst run 0.845, seed 1; was 0.738). The identity ratio keeps the goal
+# of 0.9 with a margin of 0.043 (worst 0.943, seed 0), under the policy's 0.05: on the test's seed the two CPU code
+# paths differ by 0.001 (0.944 / 0.943), seeds by 0.03.
 EXPR_MISS = 0.8
 THRESHOLDS = {"arc2face_id_sim": (">", 0.3), "id_ratio": (">=", 0.9), "jaw_slope": (">", JAW_SLOPE),
-              "bg_l1_ref_vs_expr": ("<", 0.85), "expr_ratio_expr_scale0": (">", EXPR_MISS),
+              "bg_l1_ref_vs_expr": ("<", 0.9), "expr_ratio_expr_scale0": (">", EXPR_MISS),
               "expr_ratio_expr_untrained": (">", EXPR_MISS)}
 
 
@@ -68,7 +72,8 @@ def closed_loop_command(data: Path, out: Path) -> list[str]:
 
 
 # The reduced test's fixed scale, chosen on its validation split (tests/margins/closed_loop_scale.json, ``python
-# scripts/measure_margins.py closed-loop-scale``: every seed there chooses 1; larger scales lose identity first).
+# scripts/measure_margins.py closed-loop-scale``: seed 0 chooses 2, seed 1 chooses 1, whose identity ratio at 2 is
+# 0.865; 1 is the one scale that keeps identity >= 0.9 on every seed, and larger scales lose identity first).
 SCALE = ["--expr-scale", "1"]
 
 

@@ -33,18 +33,22 @@ def test_every_shipped_file_is_there_in_the_official_layout() -> None:
 
 # Each threshold sits below the worst of the re-measurements over render seeds (other unseen identities) and CPU code
 # paths, with the margin in tests/margins/shipped.json (scripts/measure_margins.py). What the build measured on its 48
-# held-out identities (metrics.json): recogniser AUC 1.000, accuracy 0.997; expression MAE 0.89x the mean predictor's,
-# eyelids 0.39-0.41x, jaw opening 0.27x on renders and 0.34x on VAE round trips (as generated faces look; the
-# eyelids barely survive the 8x VAE: 0.73-0.75x); base ID AUC 0.99, matched 0.56 vs 0.00 for other identities.
-# Measured over 3 seeds x 2 code paths (shipped.json), two thresholds sat closer than the policy's 0.05 to the worst
-# run and moved: the recogniser's AUC from > 0.95 to > 0.94 (worst 0.9999), the pooled expression MAE from < 0.95 to
-# < 0.96 of the mean predictor's (worst 0.903).
+# held-out identities (metrics.json): recogniser AUC 1.000, accuracy 0.999; expression MAE 0.55x the mean predictor's,
+# eyelids 0.22x, jaw opening 0.27x on renders; on VAE round trips (as generated faces look) smiles 0.41x / 0.35x, brow
+# furrow 0.42x, eyelids 0.45x / 0.46x, jaw opening 0.36x; base ID AUC 0.97, matched 0.49 vs 0.00 for other identities.
+# Earlier moves (3 seeds x 2 code paths): the recogniser's AUC from > 0.95 to > 0.94, the pooled expression MAE from
+# < 0.95 to < 0.96 of the mean predictor's. On round trips of 384 fresh faces per seed the smiles, the furrow and the
+# jaw read below 0.5 in every run (worst 0.391 / 0.369, 0.441, 0.345) and have thresholds; the eyelids, read at
+# 0.45 / 0.46 on the build's held-out faces, sit at 0.42-0.54 here and are recorded as figures only.
 THRESHOLDS = {
     "identity.roc_auc": (">", 0.94), "identity.verification_accuracy": (">", 0.9),
     "expression.mae_vs_mean_predictor": ("<", 0.96),
     "expression.eyelid_left_vs_mean_predictor": ("<", 0.5), "expression.eyelid_right_vs_mean_predictor": ("<", 0.5),
     "expression.jaw_open_vs_mean_predictor": ("<", 0.5),
     "expression.jaw_open_decoded_vs_mean_predictor": ("<", 0.5),  # what the closed loop calls readable
+    "expression.smile_left_decoded_vs_mean_predictor": ("<", 0.5),
+    "expression.smile_right_decoded_vs_mean_predictor": ("<", 0.5),
+    "expression.brow_furrow_decoded_vs_mean_predictor": ("<", 0.5),
     "base.id_auc": (">", 0.9), "base.matched_minus_random": (">", 0.25),
 }
 
@@ -55,8 +59,8 @@ DECODED = ("exp.0 (smile_left)", "exp.1 (smile_right)", "exp.4 (brow_furrow)", "
 
 
 def annotator_figures(seed: int = 0) -> dict[str, float]:
-    """The shipped recogniser and SMIRK on 24 unseen identities x 4 photos (rendered as the build's held-out set)."""
-    faces = render_set(seed=seed, stream=FRESH_STREAM, subjects=range(16, 40), per_subject=4, size=128, nuisance=1.0)
+    """The shipped recogniser and SMIRK on 48 unseen identities x 8 photos (rendered as the build's held-out set)."""
+    faces = render_set(seed=seed, stream=FRESH_STREAM, subjects=range(16, 64), per_subject=8, size=128, nuisance=1.0)
     ident = identity_metrics(ArcFaceONNX(ARCFACE), faces["images"], faces["labels"])
     rng = np.random.default_rng(1)
     prior_mean = np.mean([sample_expression(rng) for _ in range(5000)], axis=0)  # the best constant prediction
