@@ -24,7 +24,6 @@ def region_weights(size, amp, n=400, keys=("left_eye", "right_eye", "brows", "mo
     w = 1 + amp * torch.from_numpy(cover / n).float(); return w / w.mean()
 kind = sys.argv[5] if len(sys.argv) > 5 else "face"
 w = face_weights(64, amp) if kind == "face" else region_weights(64, amp)  # face: the build's (VaeTraining.face_weight)
-print("weight at eyes / nose tip / mouth / corner", *(round(float(w[y, x]), 2) for y, x in ((27, 24), (35, 32), (42, 32), (0, 0))))
 rng = np.random.default_rng(0)
 def step():
     x = to_pixels(train[rng.integers(len(train), size=16)])
