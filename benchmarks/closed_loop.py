@@ -1,12 +1,14 @@
 """Closed loop in the toy world: do trained adapters do what they are asked, as the toy annotators read it back?
 
-    python benchmarks/closed_loop.py --split val --calibrate [--toy .cache/toy]   # choose the adapter scale
-    python benchmarks/closed_loop.py [--toy .cache/toy] [--check]                  # report on the test split
+    python -m blendexp.toyworld.assets --data-only                # .cache/toy/{shards,clips}, about a minute
+    python benchmarks/closed_loop.py --split val --calibrate      # choose the adapter scale on validation
+    python benchmarks/closed_loop.py [--check]                    # report on the test split
 
-``--toy`` is the root ``python -m blendexp.toyworld.assets`` builds: the trained toy Arc2Face base (``base/``), its
-still shards (``shards/``), talking-head clip shards (``clips/``), the toy ArcFace ONNX and SMIRK checkpoint in the
-official layout (``annotators/``) and the build's ``metrics.json``; or the repository's copy ``data/toy`` (models
-only: then ``--data`` names a folder with ``shards/`` and ``clips/``). Through the user entry points, the benchmark
+``--toy`` holds the models: the repository's copy ``data/toy`` (default: the shipped toy Arc2Face base, toy ArcFace
+ONNX and SMIRK checkpoint in the official layout, and its build's ``metrics.json``), or a build root of ``python -m
+blendexp.toyworld.assets`` (``base/``, ``annotators/``). ``--data`` holds the still shards (``shards/``) and
+talking-head clip shards (``clips/``): a build root, or what ``--data-only`` writes for the shipped models (default
+``.cache/toy``). Through the user entry points, the benchmark
 trains an Expression Adapter on the base and stills (``+experiment=closed_loop_expr``), then a Reference Adapter on
 clip pairs with that Expression Adapter frozen (``+experiment=closed_loop_ref``; each reused when its run folder
 already holds an export), and evaluates ``arc2face``, ``expr_adapter`` and ``expr_ref`` on one split of the
@@ -333,10 +335,12 @@ def print_result(result: dict[str, object]) -> None:
 def parse_args() -> argparse.Namespace:
     """The command line (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--toy", type=Path, default=REPO / ".cache" / "toy",
-                   help="root of the built toy assets (python -m blendexp.toyworld.assets --root ...), or the copy "
-                        "the repository ships in data/toy")
-    p.add_argument("--data", type=Path, default=None, help="where shards/ and clips/ are (default: --toy)")
+    p.add_argument("--toy", type=Path, default=REPO / "data" / "toy",
+                   help="the models: the copy the repository ships (default), or a build root of python -m "
+                        "blendexp.toyworld.assets --root ...")
+    p.add_argument("--data", type=Path, default=REPO / ".cache" / "toy",
+                   help="where shards/ and clips/ are: a build root, or python -m blendexp.toyworld.assets "
+                        "--data-only --root ... for the shipped models (default .cache/toy)")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "closed_loop")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="val: the first half of the held-out stills' subjects, where every choice is made; test: the "
@@ -384,11 +388,12 @@ def main() -> None:
     """Check the assets, train or reuse both adapters, calibrate or evaluate, print and save the results."""
     a = parse_args()
     toy, out = toy_layout(a.toy.resolve()), a.out.resolve()
-    data = (a.data or a.toy).resolve()
+    data = a.data.resolve()
     missing = missing_assets(toy, data)
     if missing:
-        sys.exit("closed loop: toy-world assets missing:\n  " + "\n  ".join(missing) + "\nBuild them first: "
-                 f"python -m blendexp.toyworld.assets --root {a.toy}")
+        make = "--data-only " if (a.toy / "models" / "arc2face").is_dir() else ""  # the shipped models' data
+        sys.exit("closed loop: toy-world assets missing:\n  " + "\n  ".join(missing) + "\nMake them first: "
+                 f"python -m blendexp.toyworld.assets {make}--root {a.data}")
     calibration = (a.calibration or out / "calibration.json").resolve()
     expr = train(a.expr_experiment, out, toy, data, a.expr_steps, a,
                  f"data.sources.stills.shards={data}/shards/train-*.tar", *a.expr_overrides)

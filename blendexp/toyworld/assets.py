@@ -182,24 +182,24 @@ def _expression(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- base
-def _shards(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
+def _shards(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE) -> dict[str, Any]:
     """Write the base's training data: toy stills whose id.npy are the toy recogniser's embeddings."""
     from blendexp.toyworld.shards import write_split
 
     uses = identity_uses(cfg)
     common = dict(per_subject=cfg.shard_per_subject, size=cfg.image_size, seed=cfg.seed, per_shard=cfg.per_shard,
-                  embed=toy_embedder(root / ARCFACE), id_model=TOY_ID_MODEL)
+                  embed=toy_embedder(root / arcface), id_model=TOY_ID_MODEL)
     return {split: write_split(root / "shards", split, uses[f"{split}_stills"][1], **common)
             for split in ("train", "val")}
 
 
-def _clips(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
+def _clips(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE) -> dict[str, Any]:
     """One talking-head clip for each of further subjects: the Reference Adapter's (reference, target) pairs."""
     from blendexp.toyworld.shards import write_split
 
     return {"frames": write_split(root / "clips", "clips", identity_uses(cfg)["clips"][1],
                                   per_subject=cfg.clip_frames, size=cfg.image_size, seed=cfg.seed,
-                                  per_shard=cfg.per_shard, embed=toy_embedder(root / ARCFACE), id_model=TOY_ID_MODEL,
+                                  per_shard=cfg.per_shard, embed=toy_embedder(root / arcface), id_model=TOY_ID_MODEL,
                                   clips=True)}
 
 
@@ -419,6 +419,25 @@ def ship(root: Path, dest: Path = SHIPPED_ROOT) -> Path:
     return dest
 
 
+DATA_SETTINGS = ("seed", "image_size", "shard_subjects", "shard_per_subject", "val_shard_subjects", "per_shard",
+                 "clip_subjects", "clip_frames")  # what shapes shards/ and clips/ besides the recogniser
+
+
+def shipped_data(root: Path, cfg: AssetsConfig = FULL, shipped: Path = SHIPPED_ROOT) -> dict[str, Any]:
+    """Write shards/ and clips/ under ``root``, ids embedded by the shipped recogniser: the data the shipped models
+    were trained and are evaluated on (benchmarks/closed_loop.py), in a minute instead of the hour-long build."""
+    made = json.loads((shipped / "metrics.json").read_text())["config"]
+    wrong = [f"{k}: shipped build {made.get(k)!r}, this run {getattr(cfg, k)!r}" for k in DATA_SETTINGS
+             if made.get(k) != getattr(cfg, k)]
+    if wrong:
+        raise ValueError(f"{shipped} was built with other data settings ({'; '.join(wrong)}); its recogniser would "
+                         "embed data it never saw: run the full build instead")
+    arcface = (shipped / "models" / "antelopev2" / "arcface.onnx").resolve()
+    for folder in ("shards", "clips"):
+        _remove(root / folder)
+    return {"shards": _shards(root, cfg, arcface), "clips": _clips(root, cfg, arcface)}
+
+
 def toy_embedder(arcface: Path) -> Callable[[np.ndarray], np.ndarray]:
     """Per-image embeddings from a toy recogniser, cropped as the evaluator crops aligned faces."""
     from blendexp.faces.identity import ArcFaceONNX
@@ -436,12 +455,21 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="rebuild every step even if cached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ship", action="store_true", help=f"then copy annotators, base and report to {SHIPPED_ROOT}")
+    p.add_argument("--data-only", action="store_true",
+                   help=f"write only shards/ and clips/ under --root, embedded by the recogniser in {SHIPPED_ROOT} "
+                        "(the shipped models' data, for benchmarks/closed_loop.py; about a minute)")
     args = p.parse_args()
-    if args.ship and args.quick:
-        p.error("--ship copies the documented full build into the repository; drop --quick")
+    if args.ship and (args.quick or args.data_only):
+        p.error("--ship copies the documented full build into the repository; drop --quick / --data-only")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg = replace(QUICK if args.quick else FULL, seed=args.seed)
     try:
+        if args.data_only:
+            written = shipped_data(args.root.resolve(), cfg)
+            stills = ", ".join(f"{n} {split}" for split, n in written["shards"].items())
+            print(f"{args.root.resolve()}: stills {stills}; {written['clips']['frames']} clip frames; ids embedded "
+                  f"by {SHIPPED_ROOT}'s recogniser")
+            return
         records = build(args.root, cfg, args.force)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +193,30 @@ def test_no_two_uses_of_the_toy_world_share_an_identity(cfg: AssetsConfig) -> No
     shared = {(a, b): len(people[a] & people[b]) for a in people for b in people if a < b}
     assert all(n == 0 for n in shared.values()), {k: n for k, n in shared.items() if n}
     assert min(map(len, people.values())) > 0
+
+
+def test_data_only_writes_the_shipped_models_data_and_refuses_other_settings(tmp_path: Path) -> None:
+    # The closed loop's route without the hour-long build: the shipped recogniser embeds freshly rendered shards.
+    from blendexp.data.format import decode_sample
+
+    shipped = tmp_path / "shipped"
+    arcface = shipped / "models/antelopev2/arcface.onnx"
+    arcface.parent.mkdir(parents=True)
+    shutil.copy2(assets.SHIPPED_ROOT / "models/antelopev2/arcface.onnx", arcface)
+    metrics = json.loads((assets.SHIPPED_ROOT / "metrics.json").read_text())
+    (shipped / "metrics.json").write_text(json.dumps({**metrics, "config": asdict(QUICK)}))
+    written = assets.shipped_data(tmp_path / "root", QUICK, shipped)
+    assert written == {"shards": {"train": 24 * 4, "val": 4 * 4}, "clips": {"frames": 8 * 8}}
+    samples = [decode_sample(r) for r in wds.WebDataset(str(tmp_path / "root/shards/val-000000.tar"),
+                                                        shardshuffle=False)]
+    assert [s.subject for s in samples[::4]] == [f"s{n:05d}" for n in assets.identity_uses(QUICK)["val_stills"][1]]
+    embedded = assets.toy_embedder(arcface)(np.stack([s.image for s in samples]))
+    cosines = np.stack([s.id_emb for s in samples]) @ embedded.T  # stored ids vs the shipped recogniser's
+    own = np.diag(cosines)  # the faces were embedded before JPEG encoding: 0.89 at worst on the full build's val
+    others = [cosines[i, j] for i, a in enumerate(samples) for j, b in enumerate(samples) if a.subject != b.subject]
+    assert own.min() > 0.8 and own.min() > max(others), (own, max(others))
+    with pytest.raises(ValueError, match="seed: shipped build 0, this run 1"):
+        assets.shipped_data(tmp_path / "other", replace(QUICK, seed=1), shipped)
+    res = run_cli("blendexp.toyworld.assets", "--root", str(tmp_path / "cli"), "--data-only", "--seed", "1")
+    assert res.returncode == 1 and "run the full build instead" in res.stderr
+    assert not (tmp_path / "cli" / "shards").exists()
