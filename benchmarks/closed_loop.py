@@ -225,7 +225,7 @@ class Report:
 
     def __init__(self, folder: Path, readable: list[str], resamples: int, seed: int) -> None:
         self.images = pd.read_csv(folder / "per_image.csv")
-        self.readings = pd.read_csv(folder / "expression_per_image.csv")
+        self.readings = pd.read_csv(folder / "expression_per_image.csv").copy()  # one block, not one per column
         self.errors = pd.DataFrame({c: (self.readings[f"read.{c}"] - self.readings[f"target.{c}"]).abs()
                                     for c in readable})
         self.readings = self.readings.assign(exp_mae_readable=self.errors.mean(axis=1))

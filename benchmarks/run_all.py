@@ -7,7 +7,7 @@ them in a fixed order, each round timing each benchmark's reference and user pat
 load spreads over all of them alike; the fastest of each side counts. Writes ``<out>/<date>.json`` and
 ``<out>/<date>.md`` (``<date>-quick.*`` with ``--quick``, whose reduced sizes make a smoke run, not figures to
 quote) and exits 1 when any goal is missed. ``BLENDEXP_BENCH_GOALS="name=value,..."`` overrides goals.
-The toy-world closed loop (``closed_loop.py``, about 40 minutes) is not part of this run.
+The toy-world closed loop (``closed_loop.py``, about 80 minutes on 2 CPU cores) is not part of this run.
 """
 
 from __future__ import annotations
