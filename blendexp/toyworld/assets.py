@@ -391,8 +391,9 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
 
 SHIPPED_ROOT = REPO_ROOT / "data" / "toy"
 # what the repository carries, laid out as one official models folder + SD 1.5 folder: shipped path -> build path
+SHIPPED_ARCFACE = Path("models/antelopev2/arcface.onnx")
 SHIPPED = {"models/arc2face": "base/models/arc2face", "models/encoder": "base/models/encoder",
-           "models/antelopev2/arcface.onnx": str(ARCFACE), "models/smirk/SMIRK_em1.pt": str(SMIRK),
+           str(SHIPPED_ARCFACE): str(ARCFACE), "models/smirk/SMIRK_em1.pt": str(SMIRK),
            "stable-diffusion-v1-5": "base/stable-diffusion-v1-5", "metrics.json": "metrics.json",
            "README.md": "README.md"}
 
@@ -432,7 +433,7 @@ def shipped_data(root: Path, cfg: AssetsConfig = FULL, shipped: Path = SHIPPED_R
     if wrong:
         raise ValueError(f"{shipped} was built with other data settings ({'; '.join(wrong)}); its recogniser would "
                          "embed data it never saw: run the full build instead")
-    arcface = (shipped / "models" / "antelopev2" / "arcface.onnx").resolve()
+    arcface = (shipped / SHIPPED_ARCFACE).resolve()
     for folder in ("shards", "clips"):
         _remove(root / folder)
     return {"shards": _shards(root, cfg, arcface), "clips": _clips(root, cfg, arcface)}

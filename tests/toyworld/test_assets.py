@@ -200,9 +200,9 @@ def test_data_only_writes_the_shipped_models_data_and_refuses_other_settings(tmp
     from blendexp.data.format import decode_sample
 
     shipped = tmp_path / "shipped"
-    arcface = shipped / "models/antelopev2/arcface.onnx"
+    arcface = shipped / assets.SHIPPED_ARCFACE
     arcface.parent.mkdir(parents=True)
-    shutil.copy2(assets.SHIPPED_ROOT / "models/antelopev2/arcface.onnx", arcface)
+    shutil.copy2(assets.SHIPPED_ROOT / assets.SHIPPED_ARCFACE, arcface)
     metrics = json.loads((assets.SHIPPED_ROOT / "metrics.json").read_text())
     (shipped / "metrics.json").write_text(json.dumps({**metrics, "config": asdict(QUICK)}))
     written = assets.shipped_data(tmp_path / "root", QUICK, shipped)
