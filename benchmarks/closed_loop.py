@@ -32,6 +32,9 @@ Goals (on ``test``), each ratio with a two-way bootstrap 95% interval (sources a
     Adapter keeps appearance).
 Negative controls on the same pairs (``--no-controls`` skips them): the trained Expression Adapter at scale 0 and an
 untrained one at the run's scale must both miss the expression goal, or meeting it proves nothing.
+The ceiling (``CEILING``, a folder method on the same pairs, in calibrations too): each target's own face passed
+through the toy VAE, the image a generator that copied the requested expression perfectly would make at best; its
+expression error over Arc2Face's is how low the goal's ratio can go as the toy SMIRK reads decoded faces.
 Prints the table, each readable component's error and target/read correlation per method, and writes all of it to
 ``<out>/closed_loop.json`` (``closed_loop_val.json`` on ``val``, ``_negmean`` with ``--negative-expression mean``);
 with ``--check`` exits 1 when a goal is missed or a negative control meets the expression goal.
@@ -50,14 +53,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 
-from blendexp.data.image_sets import Skipped, read_images
+from blendexp.data.image_sets import InputImage, Skipped, read_images
 from blendexp.eval.metrics import cell_totals, two_way_ratio
+from blendexp.toyworld.autoencoder import round_trip
 
 REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, EXPR_HIGH, ID_GOAL = 0.5, 0.6, 0.9  # ratio goals; EXPR_HIGH: its interval's top
 SPLITS = ("val", "test")  # halves of the held-out stills' subjects: val chooses, test reports
 SCALE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0)  # --calibrate's default scales
+CEILING = "target_roundtrip"  # each target's own face through the toy VAE: a perfect expression copy at best
 CALIBRATE = "python benchmarks/closed_loop.py --split val --calibrate, with this run's flags"
 
 # Negative controls: neither may meet the expression goal, or the goal proves nothing about the trained adapter.
@@ -134,6 +142,37 @@ def split_inputs(shards: str, split: str, sources: int | None, targets: int | No
             f"eval.targets.limit={targets or faces}"]
 
 
+def split_faces(inputs: list[str]) -> tuple[list[InputImage], list[InputImage]]:
+    """The source and target faces that ``split_inputs``' overrides select, read as evaluate reads them."""
+    args = dict(arg.split("=", 1) for arg in inputs)
+    picks = {}
+    for role in ("sources", "targets"):
+        per = args[f"eval.{role}.per_subject"]
+        picks[role] = read_images(args[f"eval.{role}.path"], role[:-1], [], int(args[f"eval.{role}.limit"]),
+                                  int(args[f"eval.{role}.offset"]), None if per == "null" else int(per))
+    return picks["sources"], picks["targets"]
+
+
+@torch.no_grad()
+def target_round_trips(inputs: list[str], toy: dict[str, Path], folder: Path, size: int, samples: int) -> Path:
+    """Write each target's face through the toy VAE as every source's image of it (``CEILING``'s folder)."""
+    sources, targets = split_faces(inputs)
+    faces = np.stack([np.asarray(Image.fromarray(t.image).resize((size, size), Image.Resampling.BICUBIC))
+                      for t in targets])
+    decoded = round_trip(AutoencoderKL.from_pretrained(toy["sd15"] / "vae").eval(), faces)
+    for source in sources:
+        (folder / source.name).mkdir(parents=True, exist_ok=True)
+        for target, face in zip(targets, decoded):
+            for k in range(samples):
+                Image.fromarray(face).save(folder / source.name / f"{target.name}_{k}.png")
+    return folder
+
+
+def ceiling_method(folder: Path) -> list[str]:
+    """Evaluation overrides adding ``CEILING``, read from ``folder``."""
+    return [f"+eval.methods.{CEILING}.kind=folder", f"+eval.methods.{CEILING}.path={folder}"]
+
+
 def base_overrides(toy: dict[str, Path]) -> list[str]:
     """Point an entry point at the trained toy base (whatever the embedded default is)."""
     return [f"paths.models={toy['models']}", f"paths.sd15={toy['sd15']}"]
@@ -202,12 +241,13 @@ def calibration_methods(expr: Path, scales: list[float], negative: list[str]) ->
 
 def evaluate(name: str, out: Path, toy: dict[str, Path], data: Path, method_overrides: list[str],
              a: argparse.Namespace) -> Path:
-    """The methods on the split's held-out faces, scored by the toy annotators; the report folder."""
+    """The methods and ``CEILING`` on the split's held-out faces, scored by the toy annotators; the report folder."""
+    inputs = split_inputs(f"{data}/shards/val-*.tar", a.split, a.sources, a.targets)
+    ceiling = target_round_trips(inputs, toy, out / "evaluate" / f"{CEILING}_{a.split}", a.size, a.samples)
     run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}", f"seed={a.seed}",
         *base_overrides(toy), "eval.base.tiny_root=null",
-        *split_inputs(f"{data}/shards/val-*.tar", a.split, a.sources, a.targets),
-        f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
-        f"eval.generation.samples={a.samples}", *method_overrides,
+        *inputs, f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
+        f"eval.generation.samples={a.samples}", *method_overrides, *ceiling_method(ceiling),
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null", "eval.annotators.generated=aligned",  # toy
         f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}")
     return out / "evaluate" / name
@@ -275,7 +315,13 @@ def summarise(report: Report) -> dict[str, object]:
             "expr_ratio": expr["ratio"], "expr_goal_met": meets_expr_goal(expr),
             "id_ratio": ident["ratio"],
             "id_goal_met": bool(methods["arc2face"]["id_sim"] > 0 and ident["ratio"] >= ID_GOAL),
-            "bg_l1_ref_vs_expr": bg["ratio"], "ref_goal_met": bg["high"] < 1, **control_results(report)}
+            "bg_l1_ref_vs_expr": bg["ratio"], "ref_goal_met": bg["high"] < 1, **control_results(report),
+            "ceiling": ceiling(report)}
+
+
+def ceiling(report: Report) -> dict[str, object]:
+    """``CEILING``'s expression error over Arc2Face's, with its interval: the lowest ratio a perfect copy reaches."""
+    return {"method": CEILING, "expr_ratio": report.ratio("exp_mae_readable", CEILING, "arc2face")}
 
 
 def control_results(report: Report) -> dict[str, object]:
@@ -295,6 +341,7 @@ def calibrate(report: Report, scales: list[float], made_with: dict[str, str]) ->
     chosen = (min(keep, key=lambda s: sweep[f"{s:g}"]["expr_ratio"]["ratio"]) if keep
               else max(scales, key=lambda s: sweep[f"{s:g}"]["id_ratio"]["ratio"]))
     return {**made_with, "expr_scale": chosen, "sources": len(report.sources), "targets": len(report.targets),
+            "ceiling": ceiling(report),
             "rule": f"lowest pooled readable expression error among scales with ID ratio >= {ID_GOAL}"
                     + ("" if keep else " (none kept it: the highest ID ratio)"), "scales": sweep}
 
@@ -313,6 +360,13 @@ def calibrated_scale(path: Path, made_with: dict[str, str]) -> tuple[float, dict
     return float(cal["expr_scale"]), cal
 
 
+def ceiling_line(ceil: dict[str, object]) -> str:
+    """How low the expression ratio can go: ``CEILING``'s, with its interval."""
+    ci = ceil["expr_ratio"]
+    return (f"ceiling: {CEILING} / arc2face expression error (each target's own face through the VAE) "
+            f"{ci['ratio']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]")
+
+
 def print_result(result: dict[str, object]) -> None:
     """The table, each readable component's error and correlation, and each goal with its interval."""
     print(f"split {result['split']}, Expression Adapter scale {result['expr_scale']:g} ({result['scale_from']})")
@@ -326,6 +380,7 @@ def print_result(result: dict[str, object]) -> None:
         ci = result["intervals"][key]
         print(f"{label}: {ci['ratio']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] "
               f"(goal {goal}: {'met' if result[met] else 'NOT met'})")
+    print(ceiling_line(result["ceiling"]))
     for m, ci in result["controls"].items():
         verdict = "MEETS it: the expression goal proves nothing" if meets_expr_goal(ci) else "misses it, as it must"
         print(f"negative control {m} / arc2face expression error ({CONTROLS[m]}): {ci['ratio']:.3f} "
@@ -411,6 +466,7 @@ def main() -> None:
         for s, v in cal["scales"].items():
             print(f"scale {s}: expression error {v['expr_ratio']['ratio']:.3f}x, ID {v['id_ratio']['ratio']:.3f}x "
                   "Arc2Face's")
+        print(ceiling_line(cal["ceiling"]))
         print(f"chosen on val: scale {cal['expr_scale']:g} ({cal['rule']}) -> {calibration}")
         return
     # clip frames pair within their clip (the overlay pairs stills of one subject)
