@@ -53,13 +53,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from blendexp.data.image_sets import InputImage, Skipped, read_images
 from blendexp.eval.metrics import cell_totals, two_way_ratio
-from blendexp.toyworld.autoencoder import round_trip
+from blendexp.toyworld.assets import decoded
 
 REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, EXPR_HIGH, ID_GOAL = 0.5, 0.6, 0.9  # ratio goals; EXPR_HIGH: its interval's top
@@ -153,16 +151,14 @@ def split_faces(inputs: list[str]) -> tuple[list[InputImage], list[InputImage]]:
     return picks["sources"], picks["targets"]
 
 
-@torch.no_grad()
 def target_round_trips(inputs: list[str], toy: dict[str, Path], folder: Path, size: int, samples: int) -> Path:
-    """Write each target's face through the toy VAE as every source's image of it (``CEILING``'s folder)."""
+    """Write each target's face through the toy VAE (as the build's readability measure makes decoded faces) as every
+    source's image of it (``CEILING``'s folder)."""
     sources, targets = split_faces(inputs)
-    faces = np.stack([np.asarray(Image.fromarray(t.image).resize((size, size), Image.Resampling.BICUBIC))
-                      for t in targets])
-    decoded = round_trip(AutoencoderKL.from_pretrained(toy["sd15"] / "vae").eval(), faces)
+    (faces,) = decoded(toy["sd15"] / "vae", ([t.image for t in targets],), size)
     for source in sources:
         (folder / source.name).mkdir(parents=True, exist_ok=True)
-        for target, face in zip(targets, decoded):
+        for target, face in zip(targets, faces):
             for k in range(samples):
                 Image.fromarray(face).save(folder / source.name / f"{target.name}_{k}.png")
     return folder
@@ -243,11 +239,11 @@ def evaluate(name: str, out: Path, toy: dict[str, Path], data: Path, method_over
              a: argparse.Namespace) -> Path:
     """The methods and ``CEILING`` on the split's held-out faces, scored by the toy annotators; the report folder."""
     inputs = split_inputs(f"{data}/shards/val-*.tar", a.split, a.sources, a.targets)
-    ceiling = target_round_trips(inputs, toy, out / "evaluate" / f"{CEILING}_{a.split}", a.size, a.samples)
+    copies = target_round_trips(inputs, toy, out / "evaluate" / f"{CEILING}_{a.split}", a.size, a.samples)
     run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}", f"seed={a.seed}",
         *base_overrides(toy), "eval.base.tiny_root=null",
         *inputs, f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
-        f"eval.generation.samples={a.samples}", *method_overrides, *ceiling_method(ceiling),
+        f"eval.generation.samples={a.samples}", *method_overrides, *ceiling_method(copies),
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null", "eval.annotators.generated=aligned",  # toy
         f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}")
     return out / "evaluate" / name
