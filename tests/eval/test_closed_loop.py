@@ -47,9 +47,9 @@ def toy_data(root: Path) -> Path:
     return root
 
 
-# The jaw sweep's slope (measured over requested jaw opening) in tests/margins/closed_loop.json: trained 0.282 / 0.273
-# (seed 0, native / avx2), 0.338 / 0.340 (seed 1); untrained, the same sweep: 0.069 / 0.069 (seed 0, the init this
-# test uses), 0.028 / 0.028 (seed 1); at scale 0 the images do not change (slope 0). With the d31590f toy world's SMIRK
+# The jaw sweep's slope (measured over requested jaw opening) in tests/margins/closed_loop.json: trained 0.275 (seed
+# 0), 0.340 (seed 1); untrained, the same sweep: 0.069 (seed 0, the init this test uses), 0.028 (seed 1); at scale 0
+# the images do not change (slope 0). With the d31590f toy world's SMIRK
 # an untrained adapter's random tokens read as 0.069 of jaw per unit (the 0.035 of the older world no longer separated
 # them), so the threshold moved to 0.15: 0.12 below the worst trained figure, 0.08 above the worst untrained one.
 JAW_SLOPE = 0.15
@@ -58,13 +58,20 @@ JAW_SLOPE = 0.15
 # the identity it is given (about 0.55 cosine on the toy recogniser, 0 for strangers) and the adapter must not lose it.
 # The negative controls (the adapter at scale 0, an untrained adapter) must miss EXPR_MISS, the expression ratio the
 # trained adapter is to reach here (the closed-loop issue's 0.8x). The background ratio's threshold moved from < 0.85
-# to < 0.9 with the d31590f toy world (worst run 0.845, seed 1; was 0.738). The identity ratio keeps the issue's goal
-# of 0.9 with a margin of 0.043 (worst 0.943, seed 0), under the policy's 0.05: on the test's seed the two CPU code
-# paths differ by 0.001 (0.944 / 0.943), seeds by 0.03.
+# to < 0.9 with the d31590f toy world (worst run 0.844, seed 1; was 0.738). The identity ratio keeps the issue's goal
+# of 0.9 with a margin of 0.043 (worst 0.943, seed 0), under the policy's 0.05: seeds differ by 0.03, CPU code paths
+# by 0.001 (0.944 / 0.943 on seed 0 in the file's previous version, measured where the native path used AVX-512; the
+# current file's machine has no AVX-512, so there its native and avx2 runs coincide).
+# The ceiling's expression error over Arc2Face's must be below 1: the toy SMIRK reads each readable component of a
+# decoded face at <= 0.5x the mean predictor's error (data/toy/metrics.json), and Arc2Face alone ignores the requested
+# expression. Its margin over seeds and CPU code paths is in tests/margins/closed_loop.json (``ceiling_ratio``; only
+# Arc2Face's images change with the seed); seed 0 read 0.250 on this test's validation pairs, the full loop 0.271
+# (val) and 0.294 (test).
+CEILING_BELOW = 1.0
 EXPR_MISS = 0.8
 THRESHOLDS = {"arc2face_id_sim": (">", 0.3), "id_ratio": (">=", 0.9), "jaw_slope": (">", JAW_SLOPE),
               "bg_l1_ref_vs_expr": ("<", 0.9), "expr_ratio_expr_scale0": (">", EXPR_MISS),
-              "expr_ratio_expr_untrained": (">", EXPR_MISS)}
+              "expr_ratio_expr_untrained": (">", EXPR_MISS), "ceiling_ratio": ("<", CEILING_BELOW)}
 
 
 def closed_loop_command(data: Path, out: Path) -> list[str]:
@@ -97,6 +104,7 @@ def closed_loop_figures(out: Path) -> dict[str, float]:
     result = json.loads((out / "closed_loop.json").read_text())
     return {"arc2face_id_sim": result["methods"]["arc2face"]["id_sim"], "id_ratio": result["id_ratio"],
             "expr_ratio": result["expr_ratio"], "bg_l1_ref_vs_expr": result["bg_l1_ref_vs_expr"],
+            "ceiling_ratio": result["ceiling"]["expr_ratio"]["ratio"],
             **{f"expr_ratio_{m}": c["ratio"] for m, c in result["controls"].items()}}
 
 
@@ -145,17 +153,10 @@ def test_validation_and_test_splits_share_no_identity_and_no_target(tmp_path: Pa
         split_inputs(shards, "val", 5, None)
 
 
-# The ceiling's expression error over Arc2Face's must be below 1: the toy SMIRK reads each readable component of a
-# decoded face at <= 0.5x the mean predictor's error (data/toy/metrics.json), and Arc2Face alone ignores the requested
-# expression. Measured (seed 0): 0.230 on this test's pairs (interval top 0.314), 0.250 on its validation pairs; the
-# full loop 0.271 (val) and 0.294 (test). Only Arc2Face's images change with the seed: it would have to read over 3x
-# closer to the requests to fail this line (margin 0.75; not yet in tests/margins/closed_loop.json, measured once).
-CEILING_BELOW = 1.0
-
-
 def assert_ceiling(result: dict, data: Path, folder: Path) -> None:
     """The ceiling holds, for every source, each target's own face through the VAE (nearer to that target's shard
-    image than to any other's), and a perfect copy of the expression reads closer to the request than Arc2Face."""
+    image than to any other's), and a perfect copy of the expression reads closer to the request than the trained
+    adapter (and than Arc2Face: ``ceiling_ratio`` in ``THRESHOLDS``)."""
     targets = {t.name: t.image.astype(float) for t in read_images(f"{data}/shards/val-*.tar", "target", [])}
     sources = sorted(p.name for p in folder.iterdir())
     assert len(sources) == 6, sources
@@ -167,7 +168,7 @@ def assert_ceiling(result: dict, data: Path, folder: Path) -> None:
             nearest = min(targets, key=lambda t: np.abs(targets[t] - face).mean())
             assert path.name == f"{nearest}_0.png", (path, nearest)
     ratio = result["ceiling"]["expr_ratio"]
-    assert ratio["low"] <= ratio["ratio"] <= ratio["high"] and ratio["ratio"] < CEILING_BELOW, result["ceiling"]
+    assert ratio["low"] <= ratio["ratio"] <= ratio["high"], result["ceiling"]
     assert ratio["ratio"] < result["expr_ratio"], (result["ceiling"], result["expr_ratio"])
 
 
