@@ -47,11 +47,11 @@ def toy_data(root: Path) -> Path:
     return root
 
 
-# The jaw sweep's slope (measured over requested jaw opening) in tests/margins/closed_loop.json: trained 0.275 (seed
-# 0), 0.340 (seed 1); untrained, the same sweep: 0.069 (seed 0, the init this test uses), 0.028 (seed 1); at scale 0
-# the images do not change (slope 0). With the d31590f toy world's SMIRK
-# an untrained adapter's random tokens read as 0.069 of jaw per unit (the 0.035 of the older world no longer separated
-# them), so the threshold moved to 0.15: 0.12 below the worst trained figure, 0.08 above the worst untrained one.
+# The jaw sweep's slope (measured over requested jaw opening) in tests/margins/closed_loop.json: trained 0.275 (seed 0),
+# 0.340 (seed 1); untrained, the same sweep: 0.069 (seed 0, the init this test uses), 0.028 (seed 1); at scale 0 the
+# images do not change (slope 0). With the d31590f toy world's SMIRK an untrained adapter's random tokens read as 0.069
+# of jaw per unit (the 0.035 of the older world no longer separated them), so the threshold moved to 0.15: 0.12 below
+# the worst trained figure, 0.08 above the worst untrained one.
 JAW_SLOPE = 0.15
 # The reduced closed loop's thresholds, each below the worst of its runs over seeds and CPU code paths with the margin
 # recorded in tests/margins/closed_loop.json (``python scripts/measure_margins.py closed-loop``). The shipped base draws
