@@ -184,6 +184,15 @@ class ExportAdapter(L.Callback):
         self.files = module.export(Path(trainer.default_root_dir) / self.dirname)
         log.info("exported %s", ", ".join(map(str, self.files)))
 
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """A resume from a checkpoint already at ``max_steps`` skips Lightning's loop and ``on_train_end``: export the
+        restored weights anyway, so the run folder holds its adapter (and say that nothing was trained)."""
+        if not self.files:
+            log.warning("the checkpoint is already at step %d (trainer.max_steps=%s): nothing trained; exporting its "
+                        "weights. Raise trainer.max_steps to train on.", trainer.global_step, trainer.max_steps)
+            self.on_train_end(trainer, module)
+
 
 class RandomStates(L.Callback):
     """Keeps every global random stream (torch CPU and CUDA, NumPy, Python) of every rank in the checkpoint and puts

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import missed_thresholds, run_cli
 
@@ -86,6 +87,15 @@ def test_resume_from_last_continues_at_saved_step(toy_shards: Path, tiny_base, t
     run = tmp_path / "expr_adapter" / "resume"
     assert [s for s, _ in losses(run, 0)] == list(range(20))
     assert [s for s, _ in losses(run, 1)] == list(range(20, 30))  # continued, not restarted at step 0
+    # a finished checkpoint resumed into a new run trains nothing, says so, and still exports its adapter there
+    done = run_cli("blendexp.train", *common, "run_name=finished", "trainer.max_steps=30",
+                   f"ckpt_path={run}/checkpoints/last.ckpt")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nothing trained" in done.stdout + done.stderr and "exported:" in done.stdout
+    exported = [load_file(r / "export/models/exp_adapter/exp_adapter.safetensors")
+                for r in (run, run.parent / "finished")]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
 def test_unknown_config_option_lists_choices(tmp_path: Path) -> None:
