@@ -25,11 +25,12 @@ def refused(path: str | Path) -> ValueError:
                       f"give a safetensors file or a checkpoint of tensors")
 
 
-def adapter_folder(path: Path, subdir: str, holds: Callable[[Path], bool]) -> Path | None:
+def adapter_folder(path: Path, subdir: str, holds: Callable[[Path], bool], what: str, give: str) -> Path:
     """The folder at or under ``path`` that ``holds`` an adapter: ``path`` itself, ``<subdir>``, ``models/<subdir>``
     (an official models folder), ``export/models/<subdir>`` (a training run) or ``export/`` (runs before the
-    official layout); None if none does."""
+    official layout); where none does, one error naming every place looked in and what to ``give`` instead."""
     for folder in (path, path / subdir, path / "models" / subdir, path / "export" / "models" / subdir, path / "export"):
         if folder.is_dir() and holds(folder):
             return folder
-    return None
+    raise FileNotFoundError(f"{what} not found at {path} (nor in its {subdir}/, models/{subdir}/, "
+                            f"export/models/{subdir}/ or export/); give {give}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_SCRIPTS = REPO / "scripts" / "slurm"
@@ -96,6 +97,21 @@ def kill_when(module: str, args: list[str], ready: Callable[[], bool], timeout: 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not finished, f"{module} ended (status {proc.returncode}) before the point where it was to be killed"
+
+
+def single_torch_thread_fixture() -> Callable[[], Iterator[None]]:
+    """An autouse fixture for a package of small CPU models (MTCNN, tiny annotators): one torch thread for it, since
+    OpenMP's busy-waiting on a shared CI box made them 2-10x slower."""
+
+    @pytest.fixture(scope="package", autouse=True)
+    def single_torch_thread() -> Iterator[None]:
+        """One torch thread while this package's tests run."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(previous)
+
+    return single_torch_thread
 
 
 def missed_thresholds(figures: dict[str, float], thresholds: dict[str, tuple[str, float]]) -> list[str]:

@@ -93,12 +93,9 @@ def resolve_adapter(path: str | None, unet: UNet2DConditionModel, workdir: Path,
         return export_checkpoint_adapter(p, unet, workdir / "_weights" / f"ckpt_{p.stem}")
     if p.is_file():
         return p
-    folder = adapter_folder(p, EXPORT_DIR, has_adapter)
-    if folder is None:
-        raise FileNotFoundError(f"expression adapter not found at {p}; give a training run folder, its export/ "
-                                f"folder, a models/ folder, an {EXPORT_DIR}/ folder or {WEIGHT_NAME}.safetensors/.bin "
-                                f"file (e.g. <models>/{EXPORT_DIR}) or a .ckpt")
-    return folder
+    return adapter_folder(p, EXPORT_DIR, has_adapter, "expression adapter",
+                          f"a training run folder, its export/ folder, a models/ folder, an {EXPORT_DIR}/ folder or "
+                          f"{WEIGHT_NAME}.safetensors/.bin file (e.g. <models>/{EXPORT_DIR}) or a .ckpt")
 
 
 def untrained_reference_lora(unet: UNet2DConditionModel, workdir: Path, seed: int, rank: int = 16) -> Path:

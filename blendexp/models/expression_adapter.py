@@ -231,10 +231,8 @@ def read_expression_adapter(path: str | Path) -> dict[str, dict[str, torch.Tenso
     """Read an adapter file (.safetensors or .bin, or a folder holding one) without unpickling objects."""
     path = Path(path)
     if path.is_dir():
-        folder = adapter_folder(path, EXPORT_DIR, has_adapter)
-        if folder is None:
-            raise FileNotFoundError(f"no {WEIGHT_NAME}.safetensors or {WEIGHT_NAME}.bin in {path} (nor in its "
-                                    f"{EXPORT_DIR}/, models/{EXPORT_DIR}/ or export/)")
+        folder = adapter_folder(path, EXPORT_DIR, has_adapter, "expression adapter",
+                                f"a folder holding {WEIGHT_NAME}.safetensors or {WEIGHT_NAME}.bin")
         path = adapter_file(folder)
     if not path.is_file():
         raise FileNotFoundError(f"expression adapter checkpoint not found: {path}")

@@ -208,11 +208,9 @@ def lora_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    folder = adapter_folder(path, LORA_DIR, has_lora)
-    if folder is None:
-        raise FileNotFoundError(f"reference adapter not found at {path}; give a {LORA_WEIGHT_NAME} file, a folder "
-                                f"holding one (e.g. <models>/{LORA_DIR}), a models/ folder or a ref_adapter training "
-                                f"run folder")
+    folder = adapter_folder(path, LORA_DIR, has_lora, "reference adapter",
+                            f"a {LORA_WEIGHT_NAME} file, a folder holding one (e.g. <models>/{LORA_DIR}), a models/ "
+                            f"folder or a ref_adapter training run folder")
     return folder / LORA_WEIGHT_NAME
 
 

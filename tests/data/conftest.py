@@ -6,13 +6,11 @@ import io
 import shutil
 import tarfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from skimage.data import astronaut
@@ -24,17 +22,12 @@ from blendexp.faces.annotators import ensure_tiny_annotators
 from blendexp.flame import EXP_DIM, ID_DIM
 from blendexp.toyworld.params import identity_rng, sample_identity
 from blendexp.toyworld.video import make_clip, write_clip
+from tests.conftest import single_torch_thread_fixture
 
 INSIGHTFACE_IMAGES = Path(__import__("insightface").__file__).parent / "data" / "images"
 
 
-@pytest.fixture(scope="package", autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """One thread for the small CPU models: the CI box is shared and OpenMP busy-waiting slows MTCNN down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+single_torch_thread = single_torch_thread_fixture()
 
 
 @pytest.fixture(scope="session")

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 from skimage.data import astronaut
 
 from blendexp.faces.detect import Face, MTCNNDetector
+from tests.conftest import single_torch_thread_fixture
 
 
-@pytest.fixture(scope="package", autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Run these small CPU models on one thread: on a shared CI box, OpenMP's busy-waiting made MTCNN 2-10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+single_torch_thread = single_torch_thread_fixture()
 
 
 @pytest.fixture(scope="session")

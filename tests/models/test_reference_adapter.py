@@ -213,5 +213,6 @@ def test_import_matches_training_unet_and_diffusers_loader(tiny_base, tmp_path: 
 
 
 def test_missing_lora_names_path(unet, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}; give a pytorch_lora_weights.safetensors file"):
+    missing = f"{tmp_path} \\(nor in .*\\); give a pytorch_lora_weights.safetensors file"
+    with pytest.raises(FileNotFoundError, match=missing):
         load_reference_lora(unet, tmp_path)
