@@ -410,7 +410,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--expr-steps", type=int, default=None, help="Expression Adapter steps (default: the overlay's)")
     p.add_argument("--ref-steps", type=int, default=None, help="Reference Adapter steps (default: the overlay's)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the overlays')")
-    p.add_argument("--expr-overrides", nargs="*", default=[], help="more Hydra overrides of the Expression Adapter run")
+    p.add_argument("--expr-overrides", nargs="*", default=[],
+                   help="more Hydra overrides of the Expression Adapter run, each its own argument (a=1 b=2)")
     p.add_argument("--negative-expression", choices=("zeros", "mean"), default="zeros",
                    help="the FLAME vector classifier-free guidance pushes away from: zeros (as adapters are "
                         "trained) or the training shards' mean expression")
