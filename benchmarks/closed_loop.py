@@ -47,7 +47,9 @@ import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 import time
+from collections.abc import Iterable, Iterator
 from itertools import groupby
 from pathlib import Path
 
@@ -101,21 +103,36 @@ def readable_components(toy: dict[str, Path]) -> list[str]:
     return json.loads(toy["metrics"].read_text())["expression_encoder"]["readable_decoded"]
 
 
-def digest(files: list[Path]) -> str:
-    """SHA-256 (16 hex digits) of these files' names and bytes: what a calibration was made with."""
+def digest(items: Iterable[tuple[str, bytes]]) -> str:
+    """SHA-256 (16 hex digits) of named contents: what a calibration was made with."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + f.read_bytes())
+    for name, data in items:
+        h.update(name.encode() + data)
     return h.hexdigest()[:16]
+
+
+def file_contents(files: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """Each file's name and bytes."""
+    return ((f.name, f.read_bytes()) for f in files)
+
+
+def shard_contents(shards: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """Each shard member's name and bytes, not the tar headers: re-rendering the same data (new mtimes) must not
+    make a calibration look as if it were made on other faces."""
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    yield member.name, tar.extractfile(member).read()
 
 
 def provenance(toy: dict[str, Path], data: Path, expr: Path, negative: str) -> dict[str, str]:
     """What the adapter scale's effect depends on, as a calibration records it and a test run checks it."""
     weights = sorted((toy["models"] / "arc2face").glob("*.safetensors")) + sorted(
         (toy["models"] / "encoder").glob("*.safetensors"))
-    return {"split": "val", "base": digest(weights),
-            "expr_adapter": digest(sorted(p for p in (expr / "export").rglob("*") if p.is_file())),
-            "data": digest(sorted((data / "shards").glob("val-*.tar"))), "negative_expression": negative}
+    return {"split": "val", "base": digest(file_contents(weights)),
+            "expr_adapter": digest(file_contents(sorted(p for p in (expr / "export").rglob("*") if p.is_file()))),
+            "data": digest(shard_contents(sorted((data / "shards").glob("val-*.tar")))), "negative_expression": negative}
 
 
 def split_inputs(shards: str, split: str, sources: int | None, targets: int | None) -> list[str]:

@@ -15,8 +15,10 @@ validation no scale reaches it while keeping identity: tests/margins/closed_loop
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -157,6 +159,22 @@ def test_validation_and_test_splits_share_no_identity_and_no_target(tmp_path: Pa
     assert selected("test", sources=2, targets=5) == {"sources": test["sources"][:2], "targets": test["targets"][:5]}
     with pytest.raises(SystemExit, match="--sources 5, but the val split has 3"):
         split_inputs(shards, "val", 5, None)
+
+
+def test_calibration_provenance_reads_shard_contents_not_tar_headers(tmp_path: Path) -> None:
+    from benchmarks.closed_loop import digest, shard_contents
+
+    write_split(tmp_path / "a", "val", range(2), per_subject=2, size=32, seed=1, per_shard=10)
+    write_split(tmp_path / "other", "val", range(2), per_subject=2, size=32, seed=2, per_shard=10)
+    shard, rerendered = tmp_path / "a" / "val-000000.tar", tmp_path / "rerendered.tar"
+    with tarfile.open(shard) as tar, tarfile.open(rerendered, "w") as out:  # the same faces, written an hour later
+        for member in tar:
+            data = tar.extractfile(member).read()
+            member.mtime += 3600
+            out.addfile(member, io.BytesIO(data))
+    assert shard.read_bytes() != rerendered.read_bytes()
+    assert digest(shard_contents([shard])) == digest(shard_contents([rerendered]))
+    assert digest(shard_contents([shard])) != digest(shard_contents([tmp_path / "other" / "val-000000.tar"]))
 
 
 def assert_ceiling(result: dict, data: Path, folder: Path) -> None:
