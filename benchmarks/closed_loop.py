@@ -132,7 +132,8 @@ def provenance(toy: dict[str, Path], data: Path, expr: Path, negative: str) -> d
         (toy["models"] / "encoder").glob("*.safetensors"))
     return {"split": "val", "base": digest(file_contents(weights)),
             "expr_adapter": digest(file_contents(sorted(p for p in (expr / "export").rglob("*") if p.is_file()))),
-            "data": digest(shard_contents(sorted((data / "shards").glob("val-*.tar")))), "negative_expression": negative}
+            "data": digest(shard_contents(sorted((data / "shards").glob("val-*.tar")))),
+            "negative_expression": negative}
 
 
 def split_inputs(shards: str, split: str, sources: int | None, targets: int | None) -> list[str]:
