@@ -47,16 +47,16 @@ import hashlib
 import json
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Iterable, Iterator
-from itertools import groupby
+from itertools import chain, groupby
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from blendexp.data.datamodule import tar_members
 from blendexp.data.image_sets import InputImage, Skipped, read_images
 from blendexp.eval.metrics import cell_totals, two_way_ratio
 from blendexp.toyworld.assets import decoded
@@ -116,23 +116,13 @@ def file_contents(files: list[Path]) -> Iterator[tuple[str, bytes]]:
     return ((f.name, f.read_bytes()) for f in files)
 
 
-def shard_contents(shards: list[Path]) -> Iterator[tuple[str, bytes]]:
-    """Each shard member's name and bytes, not the tar headers: re-rendering the same data (new mtimes) must not
-    make a calibration look as if it were made on other faces."""
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile():
-                    yield member.name, tar.extractfile(member).read()
-
-
 def provenance(toy: dict[str, Path], data: Path, expr: Path, negative: str) -> dict[str, str]:
     """What the adapter scale's effect depends on, as a calibration records it and a test run checks it."""
     weights = sorted((toy["models"] / "arc2face").glob("*.safetensors")) + sorted(
         (toy["models"] / "encoder").glob("*.safetensors"))
     return {"split": "val", "base": digest(file_contents(weights)),
             "expr_adapter": digest(file_contents(sorted(p for p in (expr / "export").rglob("*") if p.is_file()))),
-            "data": digest(shard_contents(sorted((data / "shards").glob("val-*.tar")))),
+            "data": digest(chain.from_iterable(map(tar_members, sorted((data / "shards").glob("val-*.tar"))))),
             "negative_expression": negative}
 
 

@@ -24,7 +24,6 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -65,10 +64,11 @@ def timed(module: str, args: list[str], env: dict[str, str], multirun: bool = Fa
 
 def samples(out: Path) -> Counter:
     """Every tar member of a build (name and bytes), however the members are grouped into shards."""
+    from blendexp.data.datamodule import tar_members
+
     found: Counter = Counter()
     for shard in out.glob("*.tar"):
-        with tarfile.open(shard) as tar:
-            found.update((m.name, tar.extractfile(m).read()) for m in tar.getmembers())  # type: ignore[union-attr]
+        found.update(tar_members(shard))
     return found
 
 

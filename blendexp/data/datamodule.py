@@ -82,6 +82,15 @@ def _close_quietly(stream: Any) -> None:
         pass
 
 
+def tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Each file member's name and bytes, without the tar headers: the same samples compare equal however their
+    shards were grouped or when they were written (headers carry the write time)."""
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()  # type: ignore[union-attr]
+
+
 def read_tars(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
     """Member groups (``__key__``, ``__url__``, ext → bytes) in tar order; a tar that cannot be opened or read to
     its end yields one ``__error__`` item instead of raising, and its half-read last group is dropped."""
