@@ -1,17 +1,16 @@
 """Closed loop at reduced size (``benchmarks/closed_loop.py`` is the full one): on the shipped toy base, both adapters
 are trained and evaluated through the entry points users call, scored by the shipped toy annotators.
 
-Asserted: the Expression Adapter keeps the identity on the test split (ID similarity >= 0.9x Arc2Face alone's, at
-the fixed scale 1 this test gives), the trained adapter moves the jaw opening the toy SMIRK reads in the requested
+Asserted: the Expression Adapter lowers the expression error the toy SMIRK reads on the test split to <= 0.8x
+Arc2Face alone's and keeps the identity (ID similarity >= 0.9x Arc2Face's), at the fixed scale this test chose on its
+validation split; the trained adapter moves the jaw opening the toy SMIRK reads in the requested
 direction through the user's generation path (a controllability sweep; at scale 0 and untrained it does not), the
 Reference Adapter lowers the background distance to the reference, the negative controls (the adapter at scale 0, an
 untrained adapter, on the same pairs) miss the expression goal, the ceiling (each target's own face through the VAE,
 for every source) is the right face and reads closer to the request than Arc2Face and the trained adapter, all
 ratios are measured with two-way bootstrap intervals, ``--check`` exits 1 exactly when a goal is missed, and the
 scale route: a calibration on the validation split is read and recorded by the test run, and one made with another
-split or adapter is refused naming the mismatch. Not asserted here: the trained adapter's expression error <= 0.8x
-Arc2Face's (this test's 300 steps have barely started to steer: ``expr_ratio`` in tests/margins/closed_loop.json; on
-validation no scale reaches it while keeping identity: tests/margins/closed_loop_scale.json)."""
+split or adapter is refused naming the mismatch."""
 
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ from blendexp.toyworld.assets import SHIPPED_ROOT, TOY_ID_MODEL, toy_embedder
 from blendexp.toyworld.shards import write_split
 from tests.conftest import missed_thresholds, run_cli
 
-TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 300, 12, 40  # 6 validation + 6 test subjects
+TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 1200, 12, 40  # 6 validation + 6 test subjects
 
 
 def toy_data(root: Path) -> Path:
@@ -50,50 +49,56 @@ def toy_data(root: Path) -> Path:
     return root
 
 
-# The jaw sweep's slope (measured over requested jaw opening) in tests/margins/closed_loop.json: trained 0.275 (seed 0),
-# 0.340 (seed 1); untrained, the same sweep: 0.069 (seed 0, the init this test uses), 0.028 (seed 1); at scale 0 the
-# images do not change (slope 0). With the d31590f toy world's SMIRK an untrained adapter's random tokens read as 0.069
-# of jaw per unit (the 0.035 of the older world no longer separated them), so the threshold moved to 0.15: 0.12 below
-# the worst trained figure, 0.08 above the worst untrained one.
+# The jaw sweep's slope (measured over requested jaw opening, at scale 1; tests/margins/closed_loop.json, seeds
+# 0 / 1 / 2, native = AVX2 on this AMD EPYC): trained 0.645 / 0.612 / 0.772, untrained 0.069 / 0.028 / -0.023; at
+# scale 0 the images do not change (slope 0).
 JAW_SLOPE = 0.15
 # The reduced closed loop's thresholds, each below the worst of its runs over seeds and CPU code paths with the margin
-# recorded in tests/margins/closed_loop.json (``python scripts/measure_margins.py closed-loop``). The shipped base draws
-# the identity it is given (about 0.55 cosine on the toy recogniser, 0 for strangers) and the adapter must not lose it.
-# The negative controls (the adapter at scale 0, an untrained adapter) must miss EXPR_MISS, the expression ratio the
-# trained adapter is to reach here (the closed-loop issue's 0.8x). The background ratio's threshold moved from < 0.85
-# to < 0.9 with the d31590f toy world (worst run 0.844, seed 1; was 0.738). The identity ratio keeps the issue's goal
-# of 0.9 with a margin of 0.043 (worst 0.943, seed 0), under the policy's 0.05: seeds differ by 0.03, CPU code paths
-# by 0.001 (0.944 / 0.943 on seed 0 in the file's previous version, measured where the native path used AVX-512; the
-# current file's machine has no AVX-512, so there its native and avx2 runs coincide).
+# recorded in tests/margins/closed_loop.json (``python scripts/measure_margins.py closed-loop --seeds 0 1 2 --isa
+# native``). The shipped base draws the identity it is given (about 0.55 cosine on the toy recogniser, 0 for
+# strangers) and the adapter must not lose it: ID ratio >= 0.9. The trained adapter must reach EXPR_GOAL (0.8x) and
+# the negative controls (the adapter at scale 0, an untrained adapter) must miss it (untrained worst 0.956). Those two
+# goals are the closed-loop issue's, not set from the runs, and their margins are under the policy's 0.05
+# (tests/margins/README.md): expression worst 0.768 (0.032), identity worst 0.939 (0.039), both seed 2 (seed 0, which
+# the test runs: 0.700 / 0.962).
+# The Reference Adapter must lower the background distance to the reference: below 0.95, under the 1 at which it
+# would not lower it (worst 0.886, seed 1; the bound was 0.9, inside the policy's 0.05 of that run).
 # The ceiling's expression error over Arc2Face's must be below 1: the toy SMIRK reads each readable component of a
 # decoded face at <= 0.5x the mean predictor's error (data/toy/metrics.json), and Arc2Face alone ignores the requested
-# expression. Its margin over seeds and CPU code paths is in tests/margins/closed_loop.json (``ceiling_ratio``; only
-# Arc2Face's images change with the seed); seed 0 read 0.250 on this test's validation pairs, the full loop 0.271
-# (val) and 0.294 (test).
+# expression (worst 0.262).
 CEILING_BELOW = 1.0
-EXPR_MISS = 0.8
+EXPR_GOAL = 0.8
 THRESHOLDS = {"arc2face_id_sim": (">", 0.3), "id_ratio": (">=", 0.9), "jaw_slope": (">", JAW_SLOPE),
-              "bg_l1_ref_vs_expr": ("<", 0.9), "expr_ratio_expr_scale0": (">", EXPR_MISS),
-              "expr_ratio_expr_untrained": (">", EXPR_MISS), "ceiling_ratio": ("<", CEILING_BELOW)}
+              "expr_ratio": ("<=", EXPR_GOAL), "bg_l1_ref_vs_expr": ("<", 0.95),
+              "expr_ratio_expr_scale0": (">", EXPR_GOAL), "expr_ratio_expr_untrained": (">", EXPR_GOAL),
+              "ceiling_ratio": ("<", CEILING_BELOW)}
 
 
-# The reduced loop keeps 16 expression tokens: its margins (tests/margins/closed_loop.json, closed_loop_scale.json)
-# were measured with them, before validation chose 32 for the full recipe's 9000 steps.
-REDUCED_TOKENS = 16
+# The reduced loop's Expression Adapter: 3600 steps of batch 16 with 32 tokens and a cosine learning rate, trained on
+# the stills of 1200 subjects (TRAIN_SUBJECTS), pinned here so that its margins (tests/margins/closed_loop.json,
+# closed_loop_scale.json) hold whatever the full recipe becomes. Chosen on this test's validation split: the previous
+# 300 steps on 300 subjects barely steered (0.945x Arc2Face's expression error at scale 2, seed 0, in
+# closed_loop_scale.json at 9796786); longer training on those 300 subjects (up to 3600 steps, in probes that were
+# not recorded) lowered it less than 4x the subjects did (closed_loop_scale.json). Each run's time is ``wall_s``
+# in the margins files.
+REDUCED_STEPS = "3600"
+REDUCED_OVERRIDES = ("model.adapter.num_tokens=32", "model.optim.schedule=cosine")
 
 
 def closed_loop_command(data: Path, out: Path) -> list[str]:
     """The reduced closed loop (also run by scripts/measure_margins.py, with ``--seed``)."""
     return [sys.executable, "benchmarks/closed_loop.py", "--toy", str(SHIPPED_ROOT), "--data", str(data),
-            "--out", str(out), "--expr-steps", "300", "--ref-steps", "150", "--batch-size", "16",
-            "--sources", "6", "--targets", "6", "--gen-steps", "10",
-            "--expr-overrides", f"model.adapter.num_tokens={REDUCED_TOKENS}"]
+            "--out", str(out), "--expr-steps", REDUCED_STEPS, "--ref-steps", "150", "--batch-size", "16",
+            "--sources", "6", "--targets", "6", "--gen-steps", "10", "--expr-overrides", *REDUCED_OVERRIDES]
 
 
-# The reduced test's fixed scale, chosen on its validation split (tests/margins/closed_loop_scale.json, ``python
-# scripts/measure_margins.py closed-loop-scale``: seed 0 chooses 2, seed 1 chooses 1, whose identity ratio at 2 is
-# 0.865; 1 is the one scale that keeps identity >= 0.9 on every seed, and larger scales lose identity first).
-SCALE = ["--expr-scale", "1"]
+# The reduced test's fixed scale, chosen on its validation split over seeds 0-2 (tests/margins/closed_loop_scale.json,
+# ``python scripts/measure_margins.py closed-loop-scale --seeds 0 1 2 --isa native``) by ``--calibrate``'s own rule
+# (the lowest expression error among scales with ID ratio >= 0.9) held on every seed. Scales 1.5 / 2 / 2.5 read
+# 0.725-0.730 / 0.669-0.709 / 0.637-0.717 of Arc2Face's expression error, at worst 0.916 / 0.880 / 0.840 of its
+# identity (seed 2): 2 and 2.5 lose it on one seed, so 1.5.
+SCALE_VALUE = 1.5
+SCALE = ["--expr-scale", f"{SCALE_VALUE:g}"]
 
 
 def jaw_slope(data: Path, out: Path, adapter: Path | None, scale: float = 1.0, seed: int = 0) -> float:
@@ -128,7 +133,7 @@ def measure_figures(seed: int, work: Path) -> dict[str, float]:
             "jaw_slope_untrained": jaw_slope(work / "data", work / "fresh", None, seed=seed)}
 
 
-VALIDATION_SCALES = ("1", "2", "3", "4")
+VALIDATION_SCALES = ("1.5", "2", "2.5")
 
 
 def measure_validation_scales(seed: int, work: Path) -> dict[str, float]:
@@ -203,10 +208,10 @@ def assert_ceiling(result: dict, data: Path, folder: Path) -> None:
 def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path) -> None:
     data = toy_data(tmp_path / "data")
     command = closed_loop_command(data, tmp_path / "out")
-    res = subprocess.run([*command, *SCALE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+    res = subprocess.run([*command, *SCALE], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "closed_loop.json").read_text())
-    assert (result["split"], result["expr_scale"], result["scale_from"]) == ("test", 1.0, "--expr-scale")
+    assert (result["split"], result["expr_scale"], result["scale_from"]) == ("test", SCALE_VALUE, "--expr-scale")
     assert set(result["methods"]) == {"arc2face", "expr_adapter", "expr_ref", "expr_scale0", "expr_untrained", CEILING}
     assert "jaw.0" in result["readable_components"]  # what the toy SMIRK reads on decoded faces
     assert_ceiling(result, data, tmp_path / "out" / "evaluate" / f"{CEILING}_test")
@@ -220,8 +225,6 @@ def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path)
     assert set(result["controls"]) == {"expr_scale0", "expr_untrained"} and result["controls_miss_goal"], result
     figures = {**closed_loop_figures(tmp_path / "out"), "jaw_slope": slopes["trained"]}
     assert missed_thresholds(figures, THRESHOLDS) == [] and result["id_goal_met"], (figures, slopes)
-    for key in ("expr_ratio", "bg_l1_ref_vs_expr"):
-        assert 0 < figures[key] < 10, result
     for ci in [*(result["intervals"][k] for k in ("expr_ratio", "id_ratio", "bg_l1_ref_vs_expr")),
                result["controls"]["expr_untrained"]]:  # two-way bootstrap intervals around each ratio
         assert ci["low"] <= ci["ratio"] <= ci["high"] and ci["low"] < ci["high"], ci
@@ -231,7 +234,7 @@ def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path)
     assert set(jaw) == set(result["methods"]) and all(-1 <= v["corr"] <= 1 and v["mae"] > 0 for v in jaw.values())
     assert "expr_adapter / arc2face expression error" in res.stdout
     # --check (the trained adapters and the generations are reused): exit 1 exactly when a goal is missed
-    again = subprocess.run([*command, *SCALE, "--check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+    again = subprocess.run([*command, *SCALE, "--check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5400)
     met = [result[k] for k in ("expr_goal_met", "id_goal_met", "ref_goal_met")]
     assert again.returncode == (0 if all(met) else 1), again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("misses it, as it must") == 2
@@ -240,12 +243,13 @@ def test_reduced_closed_loop_trains_evaluates_and_keeps_identity(tmp_path: Path)
     # the scale route: calibrate on val (one scale here, so the test run below reuses the images above), then a test
     # run without --expr-scale reads and records it; calibrations made with another split or adapter are refused
     def closed_loop(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*command, *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+        return subprocess.run([*command, *flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5400)
 
-    cal = closed_loop("--split", "val", "--calibrate", "1")
-    assert cal.returncode == 0 and "chosen on val: scale 1" in cal.stdout, cal.stdout[-3000:] + cal.stderr[-3000:]
+    cal = closed_loop("--split", "val", "--calibrate", SCALE[1])
+    assert cal.returncode == 0 and f"chosen on val: scale {SCALE[1]} " in cal.stdout, cal.stdout[-3000:] + cal.stderr
     calibration = json.loads((tmp_path / "out" / "calibration.json").read_text())
-    assert calibration["split"] == "val" and calibration["expr_scale"] == 1 and set(calibration["scales"]) == {"1"}
+    assert (calibration["split"], calibration["expr_scale"], set(calibration["scales"])) == ("val", SCALE_VALUE,
+                                                                                          {SCALE[1]})
     assert calibration["sources"] == 6 and calibration["targets"] == 6  # the validation subjects' faces, not test's
     assert calibration["ceiling"]["expr_ratio"]["ratio"] < CEILING_BELOW, calibration["ceiling"]
     tested = closed_loop()
