@@ -173,9 +173,9 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     ident = Identity(
         face_width=u(0.25, 0.30), face_height=u(0.84, 0.89), jaw_roundness=u(1.7, 3.2), skin=skin,
         hair=_pick(rng, HAIR, 15), hair_style=int(rng.integers(len(HAIR_STYLES))), eye=_pick(rng, IRIS, 15),
-        eye_spacing=u(0.10, 0.125), eye_size=u(0.056, 0.068), eye_aspect=u(0.52, 0.68),
+        eye_spacing=u(0.11, 0.13), eye_size=u(0.066, 0.078), eye_aspect=u(0.55, 0.70),
         nose_length=u(0.56, 0.61), nose_width=u(0.035, 0.052), mouth_width=u(0.07, 0.095),
-        lip_thickness=u(0.013, 0.023), lip=lip, brow_thickness=u(0.013, 0.024), brow_height=u(0.065, 0.08),
+        lip_thickness=u(0.013, 0.023), lip=lip, brow_thickness=u(0.013, 0.024), brow_height=u(0.075, 0.09),
         glasses=int(rng.choice(3, p=[0.6, 0.2, 0.2])), glasses_rgb=_pick(rng, FRAMES, 15),
         shirt=_rgb(u(0.08, 0.92, 3)), ear_size=u(0.04, 0.055),
     )
