@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blendexp.data.format import FaceSample, encode_sample, make_key
+from blendexp.data.format import FaceSample, encode_sample, make_key, vae_latents
 from blendexp.data.inputs import Item, Task, iter_frames
 from blendexp.faces.align import align_ffhq, arcface_crop
 from blendexp.faces.detect import DEFAULT_MIN_SCORE, Face, MTCNNDetector, build_detector, largest_face
@@ -159,9 +159,7 @@ class Annotator:
             exps = self.smirk(torch.cat([p["smirk"] for p in pending]).to(self.device)).cpu().numpy()  # (N, 55)
             latents = [None] * len(pending)
             if self.vae is not None:
-                x = torch.from_numpy(np.stack([p["aligned"] for p in pending])).permute(0, 3, 1, 2).float()
-                dist = self.vae.encode((x / 127.5 - 1.0).to(self.device)).latent_dist  # posterior mean: deterministic
-                latents = list((dist.mean * self.vae.config.scaling_factor).cpu().numpy())
+                latents = list(vae_latents(self.vae, np.stack([p["aligned"] for p in pending])))
         for p, id_emb, exp, lat in zip(pending, ids, exps, latents):
             sample = FaceSample(p["key"], p["aligned"], id_emb, exp.astype(np.float32), p["meta"], lat)
             out["samples"].append(encode_sample(sample, int(self.cfg["face"]["jpeg_quality"])))

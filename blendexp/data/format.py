@@ -67,6 +67,16 @@ class FaceSample:
         return str(self.meta.get("subject", self.key.split("/")[1]))
 
 
+def vae_latents(vae: Any, images: np.ndarray) -> np.ndarray:
+    """``latents.npy`` of (N, H, W, 3) uint8 faces: the scaled posterior means of ``vae`` (an AutoencoderKL), so
+    training reads them instead of encoding pixels at every step (deterministic, unlike a posterior sample)."""
+    import torch  # here: the contract's readers do not need torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(vae.device) / 127.5 - 1.0
+    with torch.no_grad():
+        return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).cpu().numpy()
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     """Serialise an array the way webdataset's ``.npy`` decoder reads it."""
     buf = io.BytesIO()

@@ -7,7 +7,7 @@ step with an unchanged fingerprint is skipped; ``--force`` rebuilds everything):
   identity    toy recogniser (margin softmax) → annotators/antelopev2/arcface.onnx (insightface's signature)
   vae         small AutoencoderKL (8x, 16 channels, scaling_factor = 1/std of its latents) → vae/
   expression  SMIRK-architecture encoder, trained on renders and their VAE round trips → annotators/smirk/SMIRK_em1.pt
-  shards      64 px toy stills whose id.npy come from the toy recogniser → shards/{train,val}-*.tar
+  shards      64 px toy stills: id.npy from the toy recogniser, latents.npy from the VAE → shards/{train,val}-*.tar
   clips       64 px frames of one talking-head clip per further subject, same embeddings → clips/clips-*.tar
   init        tiny random Arc2Face base with the toy VAE, official layout → init/
   base        ``python -m blendexp.train +experiment=toy_base`` → base/{models,stable-diffusion-v1-5} (+ runs/base)
@@ -182,25 +182,31 @@ def _expression(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- base
-def _shards(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE) -> dict[str, Any]:
-    """Write the base's training data: toy stills whose id.npy are the toy recogniser's embeddings."""
+def _shards(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE, vae: Path = Path("vae")) -> dict[str, Any]:
+    """Write the base's training data: toy stills whose id.npy are the toy recogniser's embeddings and whose
+    latents.npy are the toy VAE's (training then never encodes pixels)."""
+    from diffusers import AutoencoderKL
+
     from blendexp.toyworld.shards import write_split
 
     uses = identity_uses(cfg)
     common = dict(per_subject=cfg.shard_per_subject, size=cfg.image_size, seed=cfg.seed, per_shard=cfg.per_shard,
-                  embed=toy_embedder(root / arcface), id_model=TOY_ID_MODEL)
+                  embed=toy_embedder(root / arcface), id_model=TOY_ID_MODEL,
+                  vae=AutoencoderKL.from_pretrained(root / vae).eval())
     return {split: write_split(root / "shards", split, uses[f"{split}_stills"][1], **common)
             for split in ("train", "val")}
 
 
-def _clips(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE) -> dict[str, Any]:
+def _clips(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE, vae: Path = Path("vae")) -> dict[str, Any]:
     """One talking-head clip for each of further subjects: the Reference Adapter's (reference, target) pairs."""
+    from diffusers import AutoencoderKL
+
     from blendexp.toyworld.shards import write_split
 
     return {"frames": write_split(root / "clips", "clips", identity_uses(cfg)["clips"][1],
                                   per_subject=cfg.clip_frames, size=cfg.image_size, seed=cfg.seed,
                                   per_shard=cfg.per_shard, embed=toy_embedder(root / arcface), id_model=TOY_ID_MODEL,
-                                  clips=True)}
+                                  clips=True, vae=AutoencoderKL.from_pretrained(root / vae).eval())}
 
 
 def _init(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
@@ -260,9 +266,9 @@ STEPS = (
     Step("vae", _vae, ("renders",), ("vae",), lambda c: (c.seed, c.image_size, asdict(c.vae))),
     Step("expression", _expression, ("renders", "vae"), (str(SMIRK),),
          lambda c: (c.seed, c.image_size, asdict(c.expression))),
-    Step("shards", _shards, ("identity",), ("shards",),
+    Step("shards", _shards, ("identity", "vae"), ("shards",),
          lambda c: (c.seed, c.image_size, c.shard_subjects, c.shard_per_subject, c.val_shard_subjects, c.per_shard)),
-    Step("clips", _clips, ("identity",), ("clips",),
+    Step("clips", _clips, ("identity", "vae"), ("clips",),
          lambda c: (c.seed, c.image_size, c.shard_subjects, c.val_shard_subjects, c.clip_subjects, c.clip_frames,
                     c.per_shard)),
     Step("init", _init, ("vae",), ("init",), lambda c: c.seed),
@@ -374,7 +380,7 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
              f"steps x {cfg.vae.batch_size} at {cfg.image_size} px; scaling_factor = 1/std of its latents |",
              f"| shards/ | {cfg.shard_subjects}x{cfg.shard_per_subject} train, {cfg.val_shard_subjects}x"
              f"{cfg.shard_per_subject} val stills, {cfg.image_size} px | id.npy from the toy identity encoder, "
-             "exp.npy ground truth |",
+             "exp.npy ground truth, latents.npy from vae/ |",
              f"| clips/ | one {cfg.clip_frames}-frame clip for each of {cfg.clip_subjects} further subjects, "
              f"{cfg.image_size} px | talking-head clips (one background, drifting pose and light), embedded the same "
              "way; the Reference Adapter's pairs |",
@@ -391,7 +397,7 @@ def write_report(root: Path, cfg: AssetsConfig, records: dict[str, dict[str, Any
 
 SHIPPED_ROOT = REPO_ROOT / "data" / "toy"
 # what the repository carries, laid out as one official models folder + SD 1.5 folder: shipped path -> build path
-SHIPPED_ARCFACE = Path("models/antelopev2/arcface.onnx")
+SHIPPED_ARCFACE, SHIPPED_VAE = Path("models/antelopev2/arcface.onnx"), Path("stable-diffusion-v1-5/vae")
 SHIPPED = {"models/arc2face": "base/models/arc2face", "models/encoder": "base/models/encoder",
            str(SHIPPED_ARCFACE): str(ARCFACE), "models/smirk/SMIRK_em1.pt": str(SMIRK),
            "stable-diffusion-v1-5": "base/stable-diffusion-v1-5", "metrics.json": "metrics.json",
@@ -433,10 +439,10 @@ def shipped_data(root: Path, cfg: AssetsConfig = FULL, shipped: Path = SHIPPED_R
     if wrong:
         raise ValueError(f"{shipped} was built with other data settings ({'; '.join(wrong)}); its recogniser would "
                          "embed data it never saw: run the full build instead")
-    arcface = (shipped / SHIPPED_ARCFACE).resolve()
+    arcface, vae = (shipped / SHIPPED_ARCFACE).resolve(), (shipped / SHIPPED_VAE).resolve()
     for folder in ("shards", "clips"):
         _remove(root / folder)
-    return {"shards": _shards(root, cfg, arcface), "clips": _clips(root, cfg, arcface)}
+    return {"shards": _shards(root, cfg, arcface, vae), "clips": _clips(root, cfg, arcface, vae)}
 
 
 def toy_embedder(arcface: Path) -> Callable[[np.ndarray], np.ndarray]:

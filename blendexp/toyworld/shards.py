@@ -12,11 +12,12 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from blendexp.data.format import FaceSample, encode_sample, make_key
+from blendexp.data.format import FaceSample, encode_sample, make_key, vae_latents
 from blendexp.flame import ID_DIM
 from blendexp.toyworld.params import (IDENTITY_DIM, Identity, identity_rng, sample_expression, sample_identity,
                                       sample_nuisance)
@@ -49,13 +50,14 @@ def _subject_faces(rng: np.random.Generator, identity: Identity, n: int, size: i
 
 def write_split(out: Path, split: str, subjects: range, per_subject: int, size: int, seed: int,
                 per_shard: int, embed: Callable[[np.ndarray], np.ndarray] | None = None,
-                id_model: str = GT_ID_MODEL, clips: bool = False) -> int:
+                id_model: str = GT_ID_MODEL, clips: bool = False, vae: Any | None = None) -> int:
     """Render ``per_subject`` faces for each subject into ``<split>-%06d.tar`` shards; returns the count.
 
     Faces are independent stills, or with ``clips`` the frames of one talking-head clip per subject (one background
     and slowly drifting pose and light: the Reference Adapter's (reference, target) pairs). ``embed`` maps one
     subject's (N, size, size, 3) uint8 faces to (N, 512) unit vectors, e.g. a trained toy recogniser (then name it
-    in ``id_model``); without it every face gets ``gt_identity_embedding``."""
+    in ``id_model``); without it every face gets ``gt_identity_embedding``. With ``vae`` (the base's AutoencoderKL)
+    each sample also carries its cached ``latents.npy``, as the real data build writes them."""
     import webdataset as wds  # here: it loads torch, which --help does not need
 
     out.mkdir(parents=True, exist_ok=True)
@@ -66,13 +68,14 @@ def write_split(out: Path, split: str, subjects: range, per_subject: int, size: 
             identity = sample_identity(rng)
             images, exps = _subject_faces(rng, identity, per_subject, size, clips)
             ids = embed(images) if embed else [gt_identity_embedding(identity)] * per_subject
-            for i, (image, exp, id_emb) in enumerate(zip(images, exps, ids)):
+            latents = vae_latents(vae, images) if vae is not None else [None] * per_subject
+            for i, (image, exp, id_emb, lat) in enumerate(zip(images, exps, ids, latents)):
                 subj, name, frame = f"s{subject:05d}", "c000" if clips else f"i{i:03d}", i if clips else 0
                 meta = {"source": "toy", "subject": subj, "clip": name if clips else None, "frame": frame,
                         "id_model": id_model, "exp_model": "toyworld-ground-truth"}
                 if not clips:
                     meta["image"] = name
-                sink.write(encode_sample(FaceSample(make_key("toy", subj, name, frame), image, id_emb, exp, meta)))
+                sink.write(encode_sample(FaceSample(make_key("toy", subj, name, frame), image, id_emb, exp, meta, lat)))
                 n += 1
     return n
 

@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from diffusers import AutoencoderKL
 from PIL import Image
 
 from benchmarks.closed_loop import CEILING
 from blendexp.config import REPO_ROOT
 from blendexp.data.datamodule import tar_members
 from blendexp.data.image_sets import read_images
-from blendexp.toyworld.assets import SHIPPED_ROOT, TOY_ID_MODEL, toy_embedder
+from blendexp.toyworld.assets import SHIPPED_ARCFACE, SHIPPED_ROOT, SHIPPED_VAE, TOY_ID_MODEL, toy_embedder
 from blendexp.toyworld.shards import write_split
 from tests.conftest import missed_thresholds, run_cli
 
@@ -40,8 +41,8 @@ TRAIN_SUBJECTS, VAL_SUBJECTS, CLIP_SUBJECTS = 1200, 12, 40  # 6 validation + 6 t
 def toy_data(root: Path) -> Path:
     """Stills for the Expression Adapter, clips for the Reference Adapter and held-out stills, embedded by the
     shipped toy recogniser; validation identities come from another seed, so no model has seen them."""
-    common = dict(size=64, per_shard=1000, embed=toy_embedder(SHIPPED_ROOT / "models/antelopev2/arcface.onnx"),
-                  id_model=TOY_ID_MODEL)
+    common = dict(size=64, per_shard=1000, embed=toy_embedder(SHIPPED_ROOT / SHIPPED_ARCFACE), id_model=TOY_ID_MODEL,
+                  vae=AutoencoderKL.from_pretrained(SHIPPED_ROOT / SHIPPED_VAE).eval())
     write_split(root / "shards", "train", range(TRAIN_SUBJECTS), per_subject=4, seed=0, **common)
     write_split(root / "shards", "val", range(VAL_SUBJECTS), per_subject=4, seed=1, **common)
     write_split(root / "clips", "clips", range(TRAIN_SUBJECTS, TRAIN_SUBJECTS + CLIP_SUBJECTS), per_subject=8, seed=0,

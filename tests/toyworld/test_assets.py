@@ -41,7 +41,7 @@ def quick_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproc
 def test_quick_build_writes_every_asset_in_the_real_formats(quick_build) -> None:
     from diffusers import AutoencoderKL
 
-    from blendexp.data.format import decode_sample
+    from blendexp.data.format import decode_sample, vae_latents
     from blendexp.faces.expression import SMIRK_PREFIX, load_smirk
     from blendexp.faces.identity import ArcFaceONNX
     from blendexp.models.arc2face import Arc2FaceBase
@@ -69,7 +69,13 @@ def test_quick_build_writes_every_asset_in_the_real_formats(quick_build) -> None
     sample = decode_sample(raw)
     assert sample.meta["id_model"] == TOY_ID_MODEL and sample.image.shape == (64, 64, 3)
     assert np.linalg.norm(sample.id_emb) == pytest.approx(1.0, abs=1e-5)
+    # cached latents: the toy VAE's posterior mean of the face (computed before JPEG, so close, not equal, to the
+    # latents of the stored JPEG), so training the base never encodes pixels
+    again = vae_latents(vae, sample.image[None])[0]
+    assert sample.latents.shape == again.shape == (16, 8, 8)
+    assert np.corrcoef(sample.latents.ravel(), again.ravel())[0, 1] > 0.99
     frames = [decode_sample(r) for r in wds.WebDataset(str(root / "clips/clips-000000.tar"), shardshuffle=False)]
+    assert all(f.latents is not None and f.latents.shape == (16, 8, 8) for f in frames)
     first = [f for f in frames if f.subject == frames[0].subject]
     assert len(first) == 8 and len({f.clip for f in first}) == 1 and [f.meta["frame"] for f in first] == list(range(8))
     edge = lambda f: np.concatenate([f.image[:4].reshape(-1, 3), f.image[-4:].reshape(-1, 3)]).astype(float)
@@ -203,6 +209,7 @@ def test_data_only_writes_the_shipped_models_data_and_refuses_other_settings(tmp
     arcface = shipped / assets.SHIPPED_ARCFACE
     arcface.parent.mkdir(parents=True)
     shutil.copy2(assets.SHIPPED_ROOT / assets.SHIPPED_ARCFACE, arcface)
+    shutil.copytree(assets.SHIPPED_ROOT / assets.SHIPPED_VAE, shipped / assets.SHIPPED_VAE)
     metrics = json.loads((assets.SHIPPED_ROOT / "metrics.json").read_text())
     (shipped / "metrics.json").write_text(json.dumps({**metrics, "config": asdict(QUICK)}))
     written = assets.shipped_data(tmp_path / "root", QUICK, shipped)
@@ -215,6 +222,7 @@ def test_data_only_writes_the_shipped_models_data_and_refuses_other_settings(tmp
     own = np.diag(cosines)  # the faces were embedded before JPEG encoding: 0.89 at worst on the full build's val
     others = [cosines[i, j] for i, a in enumerate(samples) for j, b in enumerate(samples) if a.subject != b.subject]
     assert own.min() > 0.8 and own.min() > max(others), (own, max(others))
+    assert all(s.latents is not None and s.latents.shape == (16, 8, 8) for s in samples)  # the shipped VAE's
     with pytest.raises(ValueError, match="seed: shipped build 0, this run 1"):
         assets.shipped_data(tmp_path / "other", replace(QUICK, seed=1), shipped)
     res = run_cli("blendexp.toyworld.assets", "--root", str(tmp_path / "cli"), "--data-only", "--seed", "1")
