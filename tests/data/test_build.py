@@ -10,12 +10,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from skimage.data import astronaut
 
 from blendexp.data.annotate import choose_face
 from blendexp.data.build import build
 from blendexp.data.datamodule import read_tars
-from blendexp.data.format import FaceSample, decode_sample
+from blendexp.data.format import FaceSample, decode_sample, vae_latents
 from blendexp.data.inputs import list_inputs
 from blendexp.data.packing import brace_form
 from blendexp.faces.align import align_ffhq, arcface_crop
@@ -25,6 +26,7 @@ from blendexp.faces.identity import ArcFaceONNX
 from blendexp.faces.landmarks import FaceMesh, alignment_points
 from blendexp.flame import EXP_DIM, ID_DIM
 from blendexp.images import write_video
+from blendexp.models.tiny import tiny_vae
 from tests.conftest import run_cli
 from tests.data.conftest import INSIGHTFACE_IMAGES, build_config
 
@@ -219,6 +221,27 @@ def test_shards_go_to_any_webdataset_url(tmp_path: Path, toy_videos: Path, annot
     assert result["manifest"]["sources"]["clips"]["brace"] == f"pipe:cat > {remote}/clips-{{000000..000001}}.tar"
     assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").rglob("*.tmp"))
     assert [len(list(read_tars([str(p)]))) for p in sorted(remote.iterdir())] == [3, 1]
+
+
+def test_vae_latents_are_cached_for_each_face(tmp_path: Path, toy_videos: Path, annotators: Path) -> None:
+    # latents.vae (an AutoencoderKL folder, as in an SD 1.5 download) stores each face's scaled posterior mean, so
+    # training reads latents instead of encoding pixels; without it no latents are written
+    torch.manual_seed(0)
+    tiny_vae(4).save_pretrained(tmp_path / "vae")
+    build(build_config(tmp_path / "out", {"clips": toy_videos}, annotators, "video.max_frames=2",
+                       "face.min_score=0.7", "face.jpeg_quality=100", f"latents.vae={tmp_path / 'vae'}"))
+    got = samples(tmp_path / "out", "clips")
+    assert len(got) == 4 and all(s.latents is not None and s.latents.shape == (4, 8, 8) for s in got)
+    lat = np.stack([s.latents for s in got]).reshape(4, -1)
+    # the stored faces differ from the encoded ones by JPEG's rounding, about as much as a clip's next frame does:
+    # each face's latents are nearest its own stored face's, at the same scale (the posterior mean, scaled)
+    ref = vae_latents(AutoencoderKL.from_pretrained(tmp_path / "vae"), np.stack([s.image for s in got])).reshape(4, -1)
+    corr = np.corrcoef(lat, ref)[:4, 4:]
+    assert list(corr.argmax(axis=1)) == [0, 1, 2, 3] and corr.diagonal().min() > 0.95
+    assert abs(lat.std() / ref.std() - 1) < 0.05
+    build(build_config(tmp_path / "plain", {"clips": toy_videos}, annotators, "video.max_frames=2",
+                       "face.min_score=0.7"))
+    assert all(s.latents is None for s in samples(tmp_path / "plain", "clips"))
 
 
 def test_unreadable_folder_is_a_reject(tmp_path: Path, photos: Path, annotators: Path) -> None:
