@@ -420,6 +420,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the overlays')")
     p.add_argument("--expr-overrides", nargs="*", default=[],
                    help="more Hydra overrides of the Expression Adapter run, each its own argument (a=1 b=2)")
+    p.add_argument("--ref-overrides", nargs="*", default=[],
+                   help="more Hydra overrides of the Reference Adapter run, each its own argument (a=1 b=2)")
     p.add_argument("--negative-expression", choices=("zeros", "mean"), default="zeros",
                    help="the FLAME vector classifier-free guidance pushes away from: zeros (as adapters are "
                         "trained) or the training shards' mean expression")
@@ -476,7 +478,8 @@ def main() -> None:
         return
     # clip frames pair within their clip (the overlay pairs stills of one subject)
     ref = train(a.ref_experiment, out, toy, data, a.ref_steps, a,
-                f"data.sources.stills.shards={data}/clips/clips-*.tar", f"model.expression_adapter={expr}")
+                f"data.sources.stills.shards={data}/clips/clips-*.tar", f"model.expression_adapter={expr}",
+                *a.ref_overrides)
     if a.expr_scale is not None:
         scale, scale_from, cal = a.expr_scale, "--expr-scale", None
     elif a.split == "val" and not calibration.is_file():
