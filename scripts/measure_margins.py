@@ -13,7 +13,10 @@ also runs on): training on another CPU follows another floating-point path, so i
 seed. Writes ``tests/margins/<target>.json``: every run's
 figures, each figure's worst value, and, for each threshold the tests declare (``THRESHOLDS`` in the test module),
 the margin between that worst value and the threshold. Runs already in that file are kept and not repeated (the
-sweep resumes); delete the file after changing what a target runs.
+sweep resumes); delete the file after changing what a target runs. ``--jobs 2`` runs two (seed, code path) pairs at
+once, each on its share of the cores (recorded as ``threads``: another thread count is another floating-point path);
+``--work DIR`` keeps each run's folder in DIR, so a later target reuses what an earlier one trained there (the closed
+loop's calibration and its test run train the same adapters: closed-loop-scale, then closed-loop, with one DIR).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,17 @@ def measure(module: str, function: str, seed: int, env: dict[str, str], work: Pa
         sys.exit(f"{module} (seed {seed}) failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("FIGURES ")][-1]
     return {"wall_s": round(time.perf_counter() - start, 1), **json.loads(line.removeprefix("FIGURES "))}
+
+
+def measure_in(module: str, function: str, seed: int, isa: str, threads: dict[str, int],
+               keep: Path | None) -> dict[str, Any]:
+    """One run in its work folder (kept under ``keep``, else temporary), on ``threads`` threads if given."""
+    env = {**ISA_ENV[isa], **{k: str(threads["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if threads}}
+    if keep:
+        (keep / f"{seed}-{isa}").mkdir(parents=True, exist_ok=True)
+        return measure(module, function, seed, env, keep / f"{seed}-{isa}")
+    with tempfile.TemporaryDirectory(prefix="margins-") as work:
+        return measure(module, function, seed, env, Path(work))
 
 
 def cpu_name() -> str:
@@ -100,6 +115,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--isa", nargs="+", choices=sorted(ISA_ENV), default=["native", "avx2"])
     p.add_argument("--out", type=Path, default=None, help="default: tests/margins/<target>.json")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each on cores/jobs threads")
+    p.add_argument("--work", type=Path, default=None, help="keep each run's folder here (default: a temporary one)")
     a = p.parse_args()
     module, function = target(a.target)
     sys.path.insert(0, str(REPO))
@@ -108,15 +125,18 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text())["runs"] if out.is_file() else []
     runs = [r for r in previous if r["seed"] in a.seeds and r["isa"] in a.isa]  # kept: the sweep resumes
-    for seed in a.seeds:  # seed-major, so a cut-short sweep has every code path of its first seeds
-        for isa in a.isa:
-            if any(r["seed"] == seed and r["isa"] == isa for r in runs):
-                continue
-            with tempfile.TemporaryDirectory(prefix=f"margins-{a.target}-") as work:
-                figures = measure(module, function, seed, ISA_ENV[isa], Path(work))
-            runs.append({"seed": seed, "isa": isa, "figures": figures})
+    todo = [(seed, isa) for seed in a.seeds for isa in a.isa  # seed-major: a cut-short sweep has whole seeds
+            if not any(r["seed"] == seed and r["isa"] == isa for r in runs)]
+    threads = {} if a.jobs == 1 else {"threads": max(1, (os.cpu_count() or 1) // a.jobs)}
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futures = {pool.submit(measure_in, module, function, seed, isa, threads, a.work): (seed, isa)
+                   for seed, isa in todo}
+        for future in as_completed(futures):
+            seed, isa = futures[future]
+            runs.append({"seed": seed, "isa": isa, **threads, "figures": future.result()})
             print(json.dumps(runs[-1]), flush=True)
-            write(out, runs, thresholds)  # after every run: a long sweep keeps what it did
+            write(out, sorted(runs, key=lambda r: (r["seed"], r["isa"])), thresholds)  # a long sweep keeps its runs
+    runs.sort(key=lambda r: (r["seed"], r["isa"]))
     result = write(out, runs, thresholds)
     for name, s in result["thresholds"].items():
         print(f"{name:<40} {s['test']:<10} worst {s['worst']:.4f}  margin {s['margin']:+.4f}")
