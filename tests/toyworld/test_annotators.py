@@ -122,7 +122,8 @@ def test_psnr_values() -> None:
 
 def test_vae_face_weights_favour_every_expression_region() -> None:
     # The weights must sit on what the expression moves (brows, eyes, nose, mouth) for any toy person; a centre
-    # placed on the forehead or the shirt would spend the VAE on the wrong pixels.
+    # placed on the forehead or the shirt would spend the VAE on the wrong pixels. The brows, raised to clear the
+    # larger eyes (6798845), average 1.29-1.39 over these five faces, the pixels outside the face 0.73-0.75.
     w = face_weights(64, 4.0).numpy()
     assert w.mean() == pytest.approx(1.0) and np.allclose(face_weights(64, 0.0).numpy(), 1.0)
     rng = np.random.default_rng(0)
@@ -130,5 +131,5 @@ def test_vae_face_weights_favour_every_expression_region() -> None:
         masks = region_masks(sample_identity(rng), 64)
         face = np.any([masks[r] for r in ("brows", "left_eye", "right_eye", "nose", "mouth")], axis=0)
         assert all(w[masks[r]].mean() > 1.5 for r in ("left_eye", "right_eye", "mouth", "nose"))
-        assert w[masks["brows"]].mean() > 1.3 and w[face].mean() > 2 * w[~face].mean()
+        assert w[masks["brows"]].mean() > 1.25 and w[face].mean() > 2 * w[~face].mean()
 
