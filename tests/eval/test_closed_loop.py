@@ -82,8 +82,10 @@ THRESHOLDS = {"arc2face_id_sim": (">", 0.3), "id_ratio": (">=", 0.9), "jaw_slope
 # closed_loop_scale.json) hold whatever the full recipe becomes. Chosen on this test's validation split: on the
 # toy base shipped at 0ace9c7 (it draws identity more strongly) 3600 steps read 0.82-0.96 of Arc2Face's
 # expression error at scales 1.5-2.5 (seeds 0-1, closed_loop_scale.json at fa06a6b), 7200 read 0.66-0.75 at 1.5
-# (seeds 0-2, closed_loop_scale.json). Each run's time is ``wall_s`` in the margins files (measured three at a time,
-# one thread each; the test run reused the calibration's adapters: ``measure_margins.py --work``).
+# (seeds 0-2, closed_loop_scale.json). The ``wall_s`` of those margins files exclude training: their runs reused the
+# adapters that a first closed-loop-scale run (four scales) trained in the same ``--work`` folder, three at a time on
+# one thread each, in 2665-2677 s per run with data and evaluation
+# (experiments/toy_readability/results/reduced_loop_7200_val_4scales.json).
 REDUCED_STEPS = "7200"
 REDUCED_OVERRIDES = ("model.adapter.num_tokens=32", "model.optim.schedule=cosine")
 
