@@ -73,8 +73,9 @@ def measure_in(module: str, function: str, seed: int, isa: str, threads: dict[st
     """One run in its work folder (kept under ``keep``, else temporary), on ``threads`` threads if given."""
     env = {**ISA_ENV[isa], **{k: str(threads["threads"]) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if threads}}
     if keep:
-        (keep / f"{seed}-{isa}").mkdir(parents=True, exist_ok=True)
-        return measure(module, function, seed, env, keep / f"{seed}-{isa}")
+        work = keep / f"{seed}-{isa}"
+        work.mkdir(parents=True, exist_ok=True)
+        return measure(module, function, seed, env, work)
     with tempfile.TemporaryDirectory(prefix="margins-") as work:
         return measure(module, function, seed, env, Path(work))
 
@@ -135,8 +136,8 @@ def main() -> None:
             seed, isa = futures[future]
             runs.append({"seed": seed, "isa": isa, **threads, "figures": future.result()})
             print(json.dumps(runs[-1]), flush=True)
-            write(out, sorted(runs, key=lambda r: (r["seed"], r["isa"])), thresholds)  # a long sweep keeps its runs
-    runs.sort(key=lambda r: (r["seed"], r["isa"]))
+            runs.sort(key=lambda r: (r["seed"], r["isa"]))
+            write(out, runs, thresholds)  # after every run: a long sweep keeps what it did
     result = write(out, runs, thresholds)
     for name, s in result["thresholds"].items():
         print(f"{name:<40} {s['test']:<10} worst {s['worst']:.4f}  margin {s['margin']:+.4f}")
