@@ -21,6 +21,8 @@ made on ``val``: ``--calibrate`` evaluates the Expression Adapter at each scale 
 chosen one (the lowest expression error among the scales that keep ID similarity >= 0.9x Arc2Face's) to
 ``--calibration``, with what it was made with (split, base, adapter, data, negative expression). A ``test`` run reads
 that file, refuses one made with anything else, and records it; ``--expr-scale`` overrides it (recorded as such).
+Both runs' configs are composed, and the calibration checked against all but the adapter, before anything trains:
+a mistyped ``--expr-overrides`` / ``--ref-overrides`` or a wrong calibration stops in seconds, not hours.
 
 Goals (on ``test``), each ratio with a two-way bootstrap 95% interval (sources and targets resampled independently,
 ``--resamples``):
@@ -56,6 +58,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from blendexp.config import CONF_DIR
 from blendexp.data.datamodule import tar_members
 from blendexp.data.image_sets import InputImage, Skipped, read_images
 from blendexp.eval.metrics import cell_totals, two_way_ratio
@@ -116,14 +119,19 @@ def file_contents(files: list[Path]) -> Iterator[tuple[str, bytes]]:
     return ((f.name, f.read_bytes()) for f in files)
 
 
-def provenance(toy: dict[str, Path], data: Path, expr: Path, negative: str) -> dict[str, str]:
-    """What the adapter scale's effect depends on, as a calibration records it and a test run checks it."""
+def provenance(toy: dict[str, Path], data: Path, negative: str) -> dict[str, str]:
+    """What the adapter scale's effect depends on but the adapter, as a calibration records it and a test run checks it
+    (before training: a calibration that cannot belong to this run is refused in seconds, not hours)."""
     weights = sorted((toy["models"] / "arc2face").glob("*.safetensors")) + sorted(
         (toy["models"] / "encoder").glob("*.safetensors"))
     return {"split": "val", "base": digest(file_contents(weights)),
-            "expr_adapter": digest(file_contents(sorted(p for p in (expr / "export").rglob("*") if p.is_file()))),
             "data": digest(chain.from_iterable(map(tar_members, sorted((data / "shards").glob("val-*.tar"))))),
             "negative_expression": negative}
+
+
+def adapter_digest(expr: Path) -> str:
+    """The trained Expression Adapter's exported bytes: the rest of what a calibration was made with."""
+    return digest(file_contents(sorted(p for p in (expr / "export").rglob("*") if p.is_file())))
 
 
 def split_inputs(shards: str, split: str, sources: int | None, targets: int | None) -> list[str]:
@@ -191,20 +199,44 @@ def run(module: str, *overrides: str) -> None:
     print(f"{module}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def train(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: int | None, a: argparse.Namespace,
-          *overrides: str) -> Path:
-    """One adapter's run folder, trained now unless a finished export is already there."""
-    run_dir = out / experiment / "closed_loop"
-    if (run_dir / "export").is_dir() and any((run_dir / "export").iterdir()):
-        print(f"reusing {run_dir}")
-        return run_dir
+def run_dir(out: Path, experiment: str) -> Path:
+    """Where the benchmark trains one adapter."""
+    return out / experiment / "closed_loop"
+
+
+def train_overrides(experiment: str, out: Path, toy: dict[str, Path], data: Path, steps: int | None,
+                    a: argparse.Namespace, *overrides: str) -> list[str]:
+    """Every override of one adapter's training run, the user's (``--expr-overrides``, ``--ref-overrides``) last."""
     settings = ["trainer=gpu"] if a.device.startswith("cuda") else []
     settings += [f"trainer.max_steps={steps}"] if steps else []
     settings += [f"data.batch_size={a.batch_size}"] if a.batch_size else []
-    run("blendexp.train", f"+experiment={experiment}", "run_name=closed_loop", f"paths.outputs={out}", f"seed={a.seed}",
-        *base_overrides(toy), "model.base.tiny_root=null", f"data.val_shards={data}/shards/val-*.tar",
-        "callbacks.samples.every_n_steps=0", *settings, *overrides)
-    return run_dir
+    return [f"+experiment={experiment}", "run_name=closed_loop", f"paths.outputs={out}", f"seed={a.seed}",
+            *base_overrides(toy), "model.base.tiny_root=null", f"data.val_shards={data}/shards/val-*.tar",
+            "callbacks.samples.every_n_steps=0", *settings, *overrides]
+
+
+def check_composes(runs: dict[str, list[str]]) -> None:
+    """Compose each training run's config before any of them trains, so that a mistyped override is refused in
+    seconds rather than after the Expression Adapter's hour of training."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    for flag, overrides in runs.items():
+        try:
+            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+                compose("train", overrides=overrides)
+        except HydraException as err:
+            sys.exit(f"closed loop: the {flag} run's config does not compose, nothing was trained: {err}")
+
+
+def train(experiment: str, out: Path, overrides: list[str]) -> Path:
+    """One adapter's run folder, trained now unless a finished export is already there."""
+    folder = run_dir(out, experiment)
+    if (folder / "export").is_dir() and any((folder / "export").iterdir()):
+        print(f"reusing {folder}")
+        return folder
+    run("blendexp.train", *overrides)
+    return folder
 
 
 def mean_expression(shards: str, path: Path) -> Path:
@@ -457,9 +489,21 @@ def main() -> None:
         sys.exit("closed loop: toy-world assets missing:\n  " + "\n  ".join(missing) + "\nMake them first: "
                  f"python -m blendexp.toyworld.assets {make}--root {a.data}")
     calibration = (a.calibration or out / "calibration.json").resolve()
-    expr = train(a.expr_experiment, out, toy, data, a.expr_steps, a,
-                 f"data.sources.stills.shards={data}/shards/train-*.tar", *a.expr_overrides)
-    made_with = provenance(toy, data, expr, a.negative_expression)
+    expr_dir = run_dir(out, a.expr_experiment)
+    runs = {"--expr-overrides": train_overrides(a.expr_experiment, out, toy, data, a.expr_steps, a,
+                                                f"data.sources.stills.shards={data}/shards/train-*.tar",
+                                                *a.expr_overrides)}
+    if a.calibrate is None:  # clip frames pair within their clip (the overlay pairs stills of one subject)
+        runs["--ref-overrides"] = train_overrides(a.ref_experiment, out, toy, data, a.ref_steps, a,
+                                                  f"data.sources.stills.shards={data}/clips/clips-*.tar",
+                                                  f"model.expression_adapter={expr_dir}", *a.ref_overrides)
+    check_composes(runs)
+    made_with = provenance(toy, data, a.negative_expression)
+    reads_calibration = a.calibrate is None and a.expr_scale is None and (a.split == "test" or calibration.is_file())
+    if reads_calibration:
+        calibrated_scale(calibration, made_with)  # all but the adapter, before training
+    expr = train(a.expr_experiment, out, runs["--expr-overrides"])
+    made_with["expr_adapter"] = adapter_digest(expr)
     negative = [] if a.negative_expression == "zeros" else [  # a method setting
         f"negative_expression={mean_expression(f'{data}/shards/train-*.tar', out / 'train_mean_expression.npy')}"]
     suffix = "_negmean" if negative else ""
@@ -476,17 +520,14 @@ def main() -> None:
         print(ceiling_line(cal["ceiling"]))
         print(f"chosen on val: scale {cal['expr_scale']:g} ({cal['rule']}) -> {calibration}")
         return
-    # clip frames pair within their clip (the overlay pairs stills of one subject)
-    ref = train(a.ref_experiment, out, toy, data, a.ref_steps, a,
-                f"data.sources.stills.shards={data}/clips/clips-*.tar", f"model.expression_adapter={expr}",
-                *a.ref_overrides)
-    if a.expr_scale is not None:
-        scale, scale_from, cal = a.expr_scale, "--expr-scale", None
-    elif a.split == "val" and not calibration.is_file():
-        scale, scale_from, cal = 1.0, "untuned default on val (no calibration yet)", None
-    else:
+    ref = train(a.ref_experiment, out, runs["--ref-overrides"])
+    if reads_calibration:
         scale, cal = calibrated_scale(calibration, made_with)
         scale_from = f"calibration on val: {calibration}"
+    elif a.expr_scale is not None:
+        scale, scale_from, cal = a.expr_scale, "--expr-scale", None
+    else:
+        scale, scale_from, cal = 1.0, "untuned default on val (no calibration yet)", None
     name = f"closed_loop_{a.split}_scale{scale:g}{suffix}"  # a generation cache per split and scale
     controls = control_methods(expr, scale, negative) if a.controls else []
     folder = evaluate(name, out, toy, data, [*run_methods(expr, ref, scale, negative), *controls], a)

@@ -191,6 +191,39 @@ def test_calibration_provenance_reads_shard_members_not_tar_headers(tmp_path: Pa
     assert digest(tar_members(shard)) != digest(tar_members(tmp_path / "other" / "val-000000.tar"))
 
 
+def test_mistakes_are_refused_before_anything_trains(tmp_path: Path) -> None:
+    """A mistyped override of either run and a test run without a matching calibration stop in seconds, naming the
+    mistake, before the Expression Adapter's hour of training (nothing is written under ``--out``)."""
+    data = tmp_path / "data"
+    for folder, split, clips in (("shards", "train", False), ("shards", "val", False), ("clips", "clips", True)):
+        write_split(data / folder, split, range(2), per_subject=2, size=32, seed=1, per_shard=10, clips=clips)
+    out = tmp_path / "out"
+
+    def closed_loop(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "benchmarks/closed_loop.py", "--toy", str(SHIPPED_ROOT), "--data",
+                               str(data), "--out", str(out), *flags], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    for flag in ("--expr-overrides", "--ref-overrides"):
+        typo = closed_loop("--expr-scale", "1", flag, "model.optim.shedule=cosine")
+        assert typo.returncode != 0 and f"the {flag} run's config does not compose" in typo.stderr, typo.stderr
+        assert "shedule" in typo.stderr, typo.stderr
+    # the validation calibration trains no Reference Adapter, so its overrides are not its business
+    assert "the --expr-overrides run" in closed_loop("--split", "val", "--calibrate", "1", "--expr-overrides",
+                                                     "model.bogus=1").stderr
+    missing = closed_loop()
+    assert missing.returncode != 0 and "no calibration at" in missing.stderr, missing.stderr
+    from benchmarks.closed_loop import provenance, toy_layout
+
+    made_with = provenance(toy_layout(SHIPPED_ROOT), data, "zeros")
+    for key, value in (("split", "test"), ("data", "0" * 16), ("negative_expression", "mean")):
+        bad = tmp_path / f"calibration-{key}.json"
+        bad.write_text(json.dumps({**made_with, key: value, "expr_adapter": "0" * 16, "expr_scale": 1.5}))
+        refused = closed_loop("--calibration", str(bad))
+        assert refused.returncode != 0 and f"{key}: made with {value!r}, this run has" in refused.stderr, refused.stderr
+    assert not out.exists()
+
+
 def assert_ceiling(result: dict, data: Path, folder: Path) -> None:
     """The ceiling holds, for every source, each target's own face through the VAE (nearer to that target's shard
     image than to any other's), and a perfect copy of the expression reads closer to the request than the trained
