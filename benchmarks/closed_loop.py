@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from PIL import Image
 
 from blendexp.config import CONF_DIR
@@ -218,15 +220,12 @@ def train_overrides(experiment: str, out: Path, toy: dict[str, Path], data: Path
 def check_composes(runs: dict[str, list[str]]) -> None:
     """Compose each training run's config before any of them trains, so that a mistyped override is refused in
     seconds rather than after the Expression Adapter's hour of training."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    for flag, overrides in runs.items():
-        try:
-            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for flag, overrides in runs.items():
+            try:
                 compose("train", overrides=overrides)
-        except HydraException as err:
-            sys.exit(f"closed loop: the {flag} run's config does not compose, nothing was trained: {err}")
+            except HydraException as err:
+                sys.exit(f"closed loop: the {flag} run's config does not compose, nothing was trained: {err}")
 
 
 def train(experiment: str, out: Path, overrides: list[str]) -> Path:
@@ -493,7 +492,7 @@ def main() -> None:
     runs = {"--expr-overrides": train_overrides(a.expr_experiment, out, toy, data, a.expr_steps, a,
                                                 f"data.sources.stills.shards={data}/shards/train-*.tar",
                                                 *a.expr_overrides)}
-    if a.calibrate is None:  # clip frames pair within their clip (the overlay pairs stills of one subject)
+    if a.calibrate is None:  # a calibration trains no Reference Adapter; this one pairs frames within a clip
         runs["--ref-overrides"] = train_overrides(a.ref_experiment, out, toy, data, a.ref_steps, a,
                                                   f"data.sources.stills.shards={data}/clips/clips-*.tar",
                                                   f"model.expression_adapter={expr_dir}", *a.ref_overrides)

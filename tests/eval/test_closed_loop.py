@@ -208,9 +208,9 @@ def test_mistakes_are_refused_before_anything_trains(tmp_path: Path) -> None:
         typo = closed_loop("--expr-scale", "1", flag, "model.optim.shedule=cosine")
         assert typo.returncode != 0 and f"the {flag} run's config does not compose" in typo.stderr, typo.stderr
         assert "shedule" in typo.stderr, typo.stderr
-    # the validation calibration trains no Reference Adapter, so its overrides are not its business
-    assert "the --expr-overrides run" in closed_loop("--split", "val", "--calibrate", "1", "--expr-overrides",
-                                                     "model.bogus=1").stderr
+    # a validation calibration (it trains the Expression Adapter only) is checked before training too
+    calibrating = closed_loop("--split", "val", "--calibrate", "1", "--expr-overrides", "model.bogus=1")
+    assert calibrating.returncode != 0 and "the --expr-overrides run" in calibrating.stderr, calibrating.stderr
     missing = closed_loop()
     assert missing.returncode != 0 and "no calibration at" in missing.stderr, missing.stderr
     from benchmarks.closed_loop import provenance, toy_layout
