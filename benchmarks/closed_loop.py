@@ -19,8 +19,9 @@ Splits, fixed here before any tuning: the held-out stills' subjects (in shard or
 expressions of its own faces, so validation and test share no identity and no target expression. Every choice is
 made on ``val``: ``--calibrate`` evaluates the Expression Adapter at each scale of a grid on ``val`` and writes the
 chosen one (the lowest expression error among the scales that keep ID similarity >= 0.9x Arc2Face's) to
-``--calibration``, with what it was made with (split, base, adapter, data, negative expression). A ``test`` run reads
-that file, refuses one made with anything else, and records it; ``--expr-scale`` overrides it (recorded as such).
+``--calibration``, with what it was made with (split, base, adapter, data, negative expression, guidance scale).
+A ``test`` run reads that file, refuses one made with anything else, and records it; ``--expr-scale`` overrides it
+(recorded as such).
 Both runs' configs are composed, and the calibration checked against all but the adapter, before anything trains:
 a mistyped ``--expr-overrides`` / ``--ref-overrides`` or a wrong calibration stops in seconds, not hours.
 
@@ -38,7 +39,8 @@ The ceiling (``CEILING``, a folder method on the same pairs, in calibrations too
 through the toy VAE, the image a generator that copied the requested expression perfectly would make at best; its
 expression error over Arc2Face's is how low the goal's ratio can go as the toy SMIRK reads decoded faces.
 Prints the table, each readable component's error and target/read correlation per method, and writes all of it to
-``<out>/closed_loop.json`` (``closed_loop_val.json`` on ``val``, ``_negmean`` with ``--negative-expression mean``);
+``<out>/closed_loop.json`` (``closed_loop_val.json`` on ``val``, ``_negmean`` with ``--negative-expression mean``,
+``_g<G>`` with ``--guidance G`` other than the official 3);
 with ``--check`` exits 1 when a goal is missed or a negative control meets the expression goal.
 """
 
@@ -70,6 +72,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, EXPR_HIGH, ID_GOAL = 0.5, 0.6, 0.9  # ratio goals; EXPR_HIGH: its interval's top
 SPLITS = ("val", "test")  # halves of the held-out stills' subjects: val chooses, test reports
 SCALE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0)  # --calibrate's default scales
+GUIDANCE = 3.0  # the official Arc2Face guidance scale (eval.generation.guidance's default)
 CEILING = "target_roundtrip"  # each target's own face through the toy VAE: a perfect expression copy at best
 CALIBRATE = "python benchmarks/closed_loop.py --split val --calibrate, with this run's flags"
 
@@ -121,14 +124,14 @@ def file_contents(files: list[Path]) -> Iterator[tuple[str, bytes]]:
     return ((f.name, f.read_bytes()) for f in files)
 
 
-def provenance(toy: dict[str, Path], data: Path, negative: str) -> dict[str, str]:
+def provenance(toy: dict[str, Path], data: Path, negative: str, guidance: float) -> dict[str, object]:
     """What the adapter scale's effect depends on but the adapter, as a calibration records it and a test run checks it
     (before training: a calibration that cannot belong to this run is refused in seconds, not hours)."""
     weights = sorted((toy["models"] / "arc2face").glob("*.safetensors")) + sorted(
         (toy["models"] / "encoder").glob("*.safetensors"))
     return {"split": "val", "base": digest(file_contents(weights)),
             "data": digest(chain.from_iterable(map(tar_members, sorted((data / "shards").glob("val-*.tar"))))),
-            "negative_expression": negative}
+            "negative_expression": negative, "guidance": guidance}
 
 
 def adapter_digest(expr: Path) -> str:
@@ -282,7 +285,8 @@ def evaluate(name: str, out: Path, toy: dict[str, Path], data: Path, method_over
     run("blendexp.evaluate", f"run_name={name}", f"paths.outputs={out}", f"device={a.device}", f"seed={a.seed}",
         *base_overrides(toy), "eval.base.tiny_root=null",
         *inputs, f"eval.generation.size={a.size}", f"eval.generation.steps={a.gen_steps}",
-        f"eval.generation.samples={a.samples}", *method_overrides, *ceiling_method(copies),
+        f"eval.generation.guidance={a.guidance}", f"eval.generation.samples={a.samples}", *method_overrides,
+        *ceiling_method(copies),
         "eval.annotators.tiny_root=null", "eval.annotators.facenet=null", "eval.annotators.generated=aligned",  # toy
         f"eval.annotators.arcface={toy['arcface']}", f"eval.annotators.smirk={toy['smirk']}")
     return out / "evaluate" / name
@@ -367,7 +371,7 @@ def control_results(report: Report) -> dict[str, object]:
             "controls_miss_goal": not any(map(meets_expr_goal, ratios.values())) if ratios else None}
 
 
-def calibrate(report: Report, scales: list[float], made_with: dict[str, str]) -> dict[str, object]:
+def calibrate(report: Report, scales: list[float], made_with: dict[str, object]) -> dict[str, object]:
     """The scale with the lowest expression error among those that keep identity (ID ratio >= ID_GOAL; if none
     does, the one that keeps it best), with every scale's ratios."""
     sweep = {f"{s:g}": {"expr_ratio": report.ratio("exp_mae_readable", scale_method(s), "arc2face"),
@@ -381,9 +385,9 @@ def calibrate(report: Report, scales: list[float], made_with: dict[str, str]) ->
                     + ("" if keep else " (none kept it: the highest ID ratio)"), "scales": sweep}
 
 
-def calibrated_scale(path: Path, made_with: dict[str, str]) -> tuple[float, dict[str, object]]:
-    """The scale a validation calibration chose, refused when it was made with another split, base, adapter, data or
-    negative expression than this run's."""
+def calibrated_scale(path: Path, made_with: dict[str, object]) -> tuple[float, dict[str, object]]:
+    """The scale a validation calibration chose, refused when it was made with another split, base, adapter, data,
+    negative expression or guidance scale than this run's."""
     if not path.is_file():
         sys.exit(f"closed loop: no calibration at {path}; choose the adapter scale on the validation split first "
                  f"({CALIBRATE}) or give --expr-scale")
@@ -461,6 +465,9 @@ def parse_args() -> argparse.Namespace:
                    help="target expressions: the split's first N faces (default: all of them)")
     p.add_argument("--samples", type=int, default=1, help="seeds per (source, target) pair")
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help=f"classifier-free guidance scale of every method (default {GUIDANCE:g}, the official "
+                        "Arc2Face's); a calibration records it and a test run must use the same")
     p.add_argument("--size", type=int, default=64, help="image size (the toy shards' size)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of both trainings and of the evaluation's samples")
@@ -497,7 +504,7 @@ def main() -> None:
                                                   f"data.sources.stills.shards={data}/clips/clips-*.tar",
                                                   f"model.expression_adapter={expr_dir}", *a.ref_overrides)
     check_composes(runs)
-    made_with = provenance(toy, data, a.negative_expression)
+    made_with = provenance(toy, data, a.negative_expression, a.guidance)
     reads_calibration = a.calibrate is None and a.expr_scale is None and (a.split == "test" or calibration.is_file())
     if reads_calibration:
         calibrated_scale(calibration, made_with)  # all but the adapter, before training
@@ -505,7 +512,7 @@ def main() -> None:
     made_with["expr_adapter"] = adapter_digest(expr)
     negative = [] if a.negative_expression == "zeros" else [  # a method setting
         f"negative_expression={mean_expression(f'{data}/shards/train-*.tar', out / 'train_mean_expression.npy')}"]
-    suffix = "_negmean" if negative else ""
+    suffix = ("_negmean" if negative else "") + ("" if a.guidance == GUIDANCE else f"_g{a.guidance:g}")
     readable = readable_components(toy)
     if a.calibrate is not None:
         scales = a.calibrate or list(SCALE_GRID)
@@ -531,7 +538,7 @@ def main() -> None:
     controls = control_methods(expr, scale, negative) if a.controls else []
     folder = evaluate(name, out, toy, data, [*run_methods(expr, ref, scale, negative), *controls], a)
     result = {"split": a.split, "expr_scale": scale, "scale_from": scale_from, "calibration": cal,
-              "negative_expression": a.negative_expression, "seed": a.seed,
+              "negative_expression": a.negative_expression, "guidance": a.guidance, "seed": a.seed,
               **summarise(Report(folder, readable, a.resamples, a.seed))}
     path = out / f"closed_loop{'' if a.split == 'test' else '_val'}{suffix}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -215,8 +215,8 @@ def test_mistakes_are_refused_before_anything_trains(tmp_path: Path) -> None:
     assert missing.returncode != 0 and "no calibration at" in missing.stderr, missing.stderr
     from benchmarks.closed_loop import provenance, toy_layout
 
-    made_with = provenance(toy_layout(SHIPPED_ROOT), data, "zeros")
-    for key, value in (("split", "test"), ("data", "0" * 16), ("negative_expression", "mean")):
+    made_with = provenance(toy_layout(SHIPPED_ROOT), data, "zeros", 3.0)
+    for key, value in (("split", "test"), ("data", "0" * 16), ("negative_expression", "mean"), ("guidance", 5.0)):
         bad = tmp_path / f"calibration-{key}.json"
         bad.write_text(json.dumps({**made_with, key: value, "expr_adapter": "0" * 16, "expr_scale": 1.5}))
         refused = closed_loop("--calibration", str(bad))
