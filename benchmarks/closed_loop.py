@@ -66,13 +66,13 @@ from blendexp.config import CONF_DIR
 from blendexp.data.datamodule import tar_members
 from blendexp.data.image_sets import InputImage, Skipped, read_images
 from blendexp.eval.metrics import cell_totals, two_way_ratio
+from blendexp.models.reference_adapter import DEMO_GUIDANCE
 from blendexp.toyworld.assets import decoded
 
 REPO = Path(__file__).resolve().parent.parent
 EXPR_GOAL, EXPR_HIGH, ID_GOAL = 0.5, 0.6, 0.9  # ratio goals; EXPR_HIGH: its interval's top
 SPLITS = ("val", "test")  # halves of the held-out stills' subjects: val chooses, test reports
 SCALE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0)  # --calibrate's default scales
-GUIDANCE = 3.0  # the official Arc2Face guidance scale (eval.generation.guidance's default)
 CEILING = "target_roundtrip"  # each target's own face through the toy VAE: a perfect expression copy at best
 CALIBRATE = "python benchmarks/closed_loop.py --split val --calibrate, with this run's flags"
 
@@ -465,8 +465,8 @@ def parse_args() -> argparse.Namespace:
                    help="target expressions: the split's first N faces (default: all of them)")
     p.add_argument("--samples", type=int, default=1, help="seeds per (source, target) pair")
     p.add_argument("--gen-steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=GUIDANCE,
-                   help=f"classifier-free guidance scale of every method (default {GUIDANCE:g}, the official "
+    p.add_argument("--guidance", type=float, default=DEMO_GUIDANCE,
+                   help=f"classifier-free guidance scale of every method (default {DEMO_GUIDANCE:g}, the official "
                         "Arc2Face's); a calibration records it and a test run must use the same")
     p.add_argument("--size", type=int, default=64, help="image size (the toy shards' size)")
     p.add_argument("--device", default="cpu")
@@ -512,7 +512,7 @@ def main() -> None:
     made_with["expr_adapter"] = adapter_digest(expr)
     negative = [] if a.negative_expression == "zeros" else [  # a method setting
         f"negative_expression={mean_expression(f'{data}/shards/train-*.tar', out / 'train_mean_expression.npy')}"]
-    suffix = ("_negmean" if negative else "") + ("" if a.guidance == GUIDANCE else f"_g{a.guidance:g}")
+    suffix = ("_negmean" if negative else "") + ("" if a.guidance == DEMO_GUIDANCE else f"_g{a.guidance:g}")
     readable = readable_components(toy)
     if a.calibrate is not None:
         scales = a.calibrate or list(SCALE_GRID)
