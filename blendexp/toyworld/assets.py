@@ -182,19 +182,21 @@ def _expression(root: Path, cfg: AssetsConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- base
-def _shards(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE, vae: Path = Path("vae")) -> dict[str, Any]:
+def _shards(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE, vae: Path = Path("vae"),
+            train_per_subject: int | None = None) -> dict[str, Any]:
     """Write the base's training data: toy stills whose id.npy are the toy recogniser's embeddings and whose
-    latents.npy are the toy VAE's (training then never encodes pixels)."""
+    latents.npy are the toy VAE's (training then never encodes pixels). ``train_per_subject`` (default the build's
+    ``shard_per_subject``) draws more training stills of the same people; a subject's first draws stay the same."""
     from diffusers import AutoencoderKL
 
     from blendexp.toyworld.shards import write_split
 
     uses = identity_uses(cfg)
-    common = dict(per_subject=cfg.shard_per_subject, size=cfg.image_size, seed=cfg.seed, per_shard=cfg.per_shard,
-                  embed=toy_embedder(root / arcface), id_model=TOY_ID_MODEL,
-                  vae=AutoencoderKL.from_pretrained(root / vae).eval())
-    return {split: write_split(root / "shards", split, uses[f"{split}_stills"][1], **common)
-            for split in ("train", "val")}
+    per_subject = {"train": train_per_subject or cfg.shard_per_subject, "val": cfg.shard_per_subject}
+    common = dict(size=cfg.image_size, seed=cfg.seed, per_shard=cfg.per_shard, embed=toy_embedder(root / arcface),
+                  id_model=TOY_ID_MODEL, vae=AutoencoderKL.from_pretrained(root / vae).eval())
+    return {split: write_split(root / "shards", split, uses[f"{split}_stills"][1], per_subject=n, **common)
+            for split, n in per_subject.items()}
 
 
 def _clips(root: Path, cfg: AssetsConfig, arcface: Path = ARCFACE, vae: Path = Path("vae")) -> dict[str, Any]:
@@ -430,9 +432,11 @@ DATA_SETTINGS = ("seed", "image_size", "shard_subjects", "shard_per_subject", "v
                  "clip_subjects", "clip_frames")  # what shapes shards/ and clips/ besides the recogniser
 
 
-def shipped_data(root: Path, cfg: AssetsConfig = FULL, shipped: Path = SHIPPED_ROOT) -> dict[str, Any]:
+def shipped_data(root: Path, cfg: AssetsConfig = FULL, shipped: Path = SHIPPED_ROOT,
+                 train_per_subject: int | None = None) -> dict[str, Any]:
     """Write shards/ and clips/ under ``root``, ids embedded by the shipped recogniser: the data the shipped models
-    were trained and are evaluated on (benchmarks/closed_loop.py), in a minute instead of the hour-long build."""
+    were trained and are evaluated on (benchmarks/closed_loop.py), in a minute instead of the hour-long build;
+    ``train_per_subject`` adds training stills of the same people (validation and clips stay the same)."""
     made = json.loads((shipped / "metrics.json").read_text())["config"]
     wrong = [f"{k}: shipped build {made.get(k)!r}, this run {getattr(cfg, k)!r}" for k in DATA_SETTINGS
              if made.get(k) != getattr(cfg, k)]
@@ -442,7 +446,7 @@ def shipped_data(root: Path, cfg: AssetsConfig = FULL, shipped: Path = SHIPPED_R
     arcface, vae = (shipped / SHIPPED_ARCFACE).resolve(), (shipped / SHIPPED_VAE).resolve()
     for folder in ("shards", "clips"):
         _remove(root / folder)
-    return {"shards": _shards(root, cfg, arcface, vae), "clips": _clips(root, cfg, arcface, vae)}
+    return {"shards": _shards(root, cfg, arcface, vae, train_per_subject), "clips": _clips(root, cfg, arcface, vae)}
 
 
 def toy_embedder(arcface: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -465,14 +469,19 @@ def main() -> None:
     p.add_argument("--data-only", action="store_true",
                    help=f"write only shards/ and clips/ under --root, embedded by the recogniser in {SHIPPED_ROOT} "
                         "(the shipped models' data, for benchmarks/closed_loop.py; about a minute)")
+    p.add_argument("--train-per-subject", type=int, default=None, metavar="N",
+                   help="with --data-only: N training stills per subject instead of the build's "
+                        f"{FULL.shard_per_subject} (more expressions of the same people, for adapter trials)")
     args = p.parse_args()
     if args.ship and (args.quick or args.data_only):
         p.error("--ship copies the documented full build into the repository; drop --quick / --data-only")
+    if args.train_per_subject is not None and (not args.data_only or args.train_per_subject < 1):
+        p.error("--train-per-subject needs --data-only and a positive count")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     cfg = replace(QUICK if args.quick else FULL, seed=args.seed)
     try:
         if args.data_only:
-            written = shipped_data(args.root.resolve(), cfg)
+            written = shipped_data(args.root.resolve(), cfg, train_per_subject=args.train_per_subject)
             stills = ", ".join(f"{n} {split}" for split, n in written["shards"].items())
             print(f"{args.root.resolve()}: stills {stills}; {written['clips']['frames']} clip frames; ids embedded "
                   f"by {SHIPPED_ROOT}'s recogniser")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from blendexp.data.datamodule import tar_members
 from blendexp.toyworld import assets
 from blendexp.toyworld.assets import ARCFACE, SMIRK, STEPS, TOY_ID_MODEL, QUICK, AssetsConfig, Step, build
 from blendexp.toyworld.params import identity_rng, sample_identity
@@ -224,6 +225,12 @@ def test_data_only_writes_the_shipped_models_data_and_refuses_other_settings(tmp
     others = [cosines[i, j] for i, a in enumerate(samples) for j, b in enumerate(samples) if a.subject != b.subject]
     assert own.min() > 0.8 and own.min() > max(others), (own, max(others))
     assert all(s.latents is not None and s.latents.shape == (16, 8, 8) for s in samples)  # the shipped VAE's
+    # More training stills of the same people: a superset of the build's, validation byte for byte the same.
+    more = assets.shipped_data(tmp_path / "more", QUICK, shipped, train_per_subject=6)
+    assert more == {"shards": {"train": 24 * 6, "val": 4 * 4}, "clips": {"frames": 8 * 8}}
+    root, bigger = ({name: data for shard in sorted((tmp_path / folder / "shards").glob("*.tar"))
+                     for name, data in tar_members(shard)} for folder in ("root", "more"))
+    assert root.items() <= bigger.items() and len(bigger) == 5 * (24 * 6 + 4 * 4)  # five files per sample
     with pytest.raises(ValueError, match="seed: shipped build 0, this run 1"):
         assets.shipped_data(tmp_path / "other", replace(QUICK, seed=1), shipped)
     res = run_cli("blendexp.toyworld.assets", "--root", str(tmp_path / "cli"), "--data-only", "--seed", "1")
