@@ -88,13 +88,16 @@ THRESHOLDS = {"arc2face_id_sim": (">", 0.3), "id_ratio": (">=", 0.9), "jaw_slope
 # (experiments/toy_readability/results/reduced_loop_7200_val_4scales.json).
 REDUCED_STEPS = "7200"
 REDUCED_OVERRIDES = ("model.adapter.num_tokens=32", "model.optim.schedule=cosine")
+# Its Reference Adapter's LoRA rank, pinned to the one its margins were measured with (the full recipe's is 16).
+REDUCED_REF_OVERRIDES = ("model.lora.rank=8", "model.lora.alpha=8")
 
 
 def closed_loop_command(data: Path, out: Path) -> list[str]:
     """The reduced closed loop (also run by scripts/measure_margins.py, with ``--seed``)."""
     return [sys.executable, "benchmarks/closed_loop.py", "--toy", str(SHIPPED_ROOT), "--data", str(data),
             "--out", str(out), "--expr-steps", REDUCED_STEPS, "--ref-steps", "150", "--batch-size", "16",
-            "--sources", "6", "--targets", "6", "--gen-steps", "10", "--expr-overrides", *REDUCED_OVERRIDES]
+            "--sources", "6", "--targets", "6", "--gen-steps", "10", "--expr-overrides", *REDUCED_OVERRIDES,
+            "--ref-overrides", *REDUCED_REF_OVERRIDES]
 
 
 # The reduced test's fixed scale, chosen on its validation split over seeds 0-2 (tests/margins/closed_loop_scale.json,
