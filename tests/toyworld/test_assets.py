@@ -231,6 +231,9 @@ def test_data_only_writes_the_shipped_models_data_and_refuses_other_settings(tmp
     root, bigger = ({name: data for shard in sorted((tmp_path / folder / "shards").glob("*.tar"))
                      for name, data in tar_members(shard)} for folder in ("root", "more"))
     assert root.items() <= bigger.items() and len(bigger) == 5 * (24 * 6 + 4 * 4)  # five files per sample
+    (tmp_path / "not-a-root").write_text("")  # were the flag not refused, the full build would fail here at once
+    misuse = run_cli("blendexp.toyworld.assets", "--root", str(tmp_path / "not-a-root"), "--train-per-subject", "32")
+    assert misuse.returncode == 2 and "--train-per-subject needs --data-only" in misuse.stderr, misuse.stderr
     with pytest.raises(ValueError, match="seed: shipped build 0, this run 1"):
         assets.shipped_data(tmp_path / "other", replace(QUICK, seed=1), shipped)
     res = run_cli("blendexp.toyworld.assets", "--root", str(tmp_path / "cli"), "--data-only", "--seed", "1")
